@@ -1,0 +1,45 @@
+# Every target creates or refreshes the virtual environment first; a second run installs nothing
+# (the stamp is newer than pyproject.toml).
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.unclip-installed
+ARGS ?=
+STAGE ?=
+FORCE ?=
+PYTEST_ARGS ?=
+
+.PHONY: venv pipeline stage status test bench clean help
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/'
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@echo "installing unclip and its dependencies into $(VENV) (first run takes a few minutes)"
+	@$(BIN)/pip install --disable-pip-version-check -q -e '.[test]' 2>&1 | { grep -v "^WARNING: Location" || true; }
+	@touch $@
+
+venv: $(STAMP)  ## create or refresh the virtual environment
+
+pipeline: $(STAMP)  ## run every stage that is not done: make pipeline ARGS="preset=smoke run_dir=/tmp/r"
+	$(BIN)/python -m pipelines run $(ARGS)
+
+stage: $(STAMP)  ## run one stage: make stage STAGE=filter [FORCE=1] ARGS="..."
+	@test -n "$(STAGE)" || { echo "usage: make stage STAGE=<name> [FORCE=1] [ARGS=...]"; exit 2; }
+	$(BIN)/python -m pipelines stage $(STAGE) $(if $(FORCE),--force) $(ARGS)
+
+status: $(STAMP)  ## print every stage as done / stale / missing: make status ARGS="preset=smoke"
+	$(BIN)/python -m pipelines status $(ARGS)
+
+test: $(STAMP)  ## run the test suite
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP)  ## run the benchmarks (tables + JSON under bench/results)
+	$(BIN)/python -m bench $(ARGS)
+
+clean:  ## remove the virtual environment and local runs
+	rm -rf $(VENV) runs .pytest_cache

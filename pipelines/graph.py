@@ -1,0 +1,77 @@
+"""The stage graph: what each stage reads, which config it depends on, where its code lives."""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Callable
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str
+    inputs: tuple[str, ...]
+    # Config subtrees whose (resolved) values define the stage's result; a change re-runs it.
+    config_keys: tuple[str, ...]
+    # "module:function" taking a StageContext and returning a StageResult.
+    entry: str
+    description: str = ""
+    # Optional "module:function" (cfg -> JSON-able) identifying inputs no stage produced, such as
+    # an external shard folder; a change in it makes the stage stale.
+    fingerprint: str | None = None
+
+    def load(self) -> Callable:
+        return _resolve(self.entry)
+
+    def external_fingerprint(self, cfg) -> object:
+        return _resolve(self.fingerprint)(cfg) if self.fingerprint else None
+
+
+def _resolve(ref: str) -> Callable:
+    module, func = ref.split(":")
+    return getattr(importlib.import_module(module), func)
+
+
+STAGES: tuple[StageSpec, ...] = (
+    StageSpec("data", (), ("data",), "stages.data:run",
+              "synthetic shapes, an image folder import, or existing shards",
+              fingerprint="stages.data:fingerprint"),
+    StageSpec("filter", ("data",), ("filter",), "stages.filter:run",
+              "drop bad samples by reason; RGB-convert the rest"),
+)
+
+
+class Graph:
+    """A topologically ordered set of stages (declaration order must already be topological)."""
+
+    def __init__(self, stages: tuple[StageSpec, ...] = STAGES):
+        names: set[str] = set()
+        for s in stages:
+            missing = [i for i in s.inputs if i not in names]
+            if missing:
+                raise ValueError(f"stage {s.name!r} reads {missing} which are not declared before it")
+            names.add(s.name)
+        self.stages = stages
+        self.by_name = {s.name: s for s in stages}
+
+    def __getitem__(self, name: str) -> StageSpec:
+        try:
+            return self.by_name[name]
+        except KeyError:
+            raise KeyError(f"unknown stage {name!r}; stages are: {', '.join(self.by_name)}") from None
+
+    def downstream(self, name: str) -> list[str]:
+        """``name`` and every stage that depends on it, in order."""
+        out = {name}
+        for s in self.stages:
+            if any(i in out for i in s.inputs):
+                out.add(s.name)
+        return [s.name for s in self.stages if s.name in out]
+
+    def upstream(self, name: str) -> list[str]:
+        """Every stage ``name`` depends on (transitively), in order, without ``name`` itself."""
+        need = set(self[name].inputs)
+        for s in reversed(self.stages):
+            if s.name in need:
+                need.update(s.inputs)
+        return [s.name for s in self.stages if s.name in need]

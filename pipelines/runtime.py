@@ -1,0 +1,71 @@
+"""Ray start-up: a local in-process Ray with explicit resources, or the cluster we run inside."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from omegaconf import DictConfig
+
+log = logging.getLogger(__name__)
+
+# Set in the runtime_env of every stage we submit as a Ray job, so the job connects to its cluster
+# instead of submitting again.
+IN_JOB_ENV = "UNCLIP_IN_RAY_JOB"
+
+
+def in_ray_job() -> bool:
+    return os.environ.get(IN_JOB_ENV) == "1"
+
+
+def cluster_address(cfg: DictConfig) -> str | None:
+    """The Ray cluster to submit stages to, or None for the embedded local Ray."""
+    if in_ray_job():
+        return None
+    return str(cfg.ray.address) if cfg.ray.address else None
+
+
+def ensure_ray(cfg: DictConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    if in_ray_job():
+        ray.init(log_to_driver=True)  # RAY_ADDRESS is set by the job supervisor
+        return
+    os.environ.pop("RAY_ADDRESS", None)  # never attach to a stray cluster by accident
+    ray.init(
+        num_cpus=cfg.ray.num_cpus or os.cpu_count(),
+        num_gpus=cfg.ray.num_gpus,
+        object_store_memory=cfg.ray.object_store_memory,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",  # the embedded Ray listens on loopback only
+        log_to_driver=True,
+        configure_logging=True,
+        logging_level=logging.WARNING,
+    )
+
+
+def parallelism(cfg: DictConfig) -> int:
+    import ray
+
+    if cfg.ray.parallelism:
+        return int(cfg.ray.parallelism)
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def ray_progress(refs: list, desc: str, unit: str = "task") -> list:
+    """Wait for Ray object refs with a progress bar; results come back in submission order."""
+    import ray
+    from tqdm import tqdm
+
+    results: dict = {}
+    pending = list(refs)
+    index = {r: i for i, r in enumerate(refs)}
+    with tqdm(total=len(refs), desc=desc, unit=unit, dynamic_ncols=True) as bar:
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            for r in done:
+                results[index[r]] = ray.get(r)
+                bar.update(1)
+    return [results[i] for i in range(len(refs))]

@@ -1,0 +1,87 @@
+"""Stage-graph logic on real manifests: done / stale / missing and what a change invalidates."""
+
+from __future__ import annotations
+
+import pytest
+from omegaconf import OmegaConf
+
+from pipelines.graph import Graph, StageSpec
+from pipelines.manifest import Manifest, code_version, write_manifest
+from pipelines.status import DONE, MISSING, STALE, evaluate_all, stage_config_hash
+
+TOY = (
+    StageSpec("a", (), ("a",), "x:y"),
+    StageSpec("b", ("a",), ("b",), "x:y"),
+    StageSpec("c", ("b",), ("c",), "x:y"),
+    StageSpec("d", ("a",), ("d",), "x:y"),
+)
+
+
+def _cfg(tmp_path, **vals):
+    base = {"run_dir": str(tmp_path), "pipeline": {"code_version_invalidates": False},
+            "a": {"v": 1}, "b": {"v": 1}, "c": {"v": 1}, "d": {"v": 1}}
+    for k, v in vals.items():
+        base[k] = {"v": v}
+    return OmegaConf.create(base)
+
+
+def _finish(graph, cfg, name):
+    spec = graph[name]
+    statuses = evaluate_all(graph, cfg)
+    m = Manifest(stage=name, config_hash=stage_config_hash(spec, cfg),
+                 inputs={u: statuses[u].manifest.digest for u in spec.inputs},
+                 code_version=code_version(), outputs={"out": f"{cfg.run_dir}/{name}"})
+    write_manifest(cfg.run_dir, m)
+
+
+def _states(graph, cfg):
+    return {k: v.state for k, v in evaluate_all(graph, cfg).items()}
+
+
+def test_graph_order_and_neighbours():
+    g = Graph(TOY)
+    assert g.downstream("b") == ["b", "c"]
+    assert g.downstream("a") == ["a", "b", "c", "d"]
+    assert g.upstream("c") == ["a", "b"]
+    with pytest.raises(ValueError):
+        Graph((StageSpec("b", ("a",), (), "x:y"),))
+    with pytest.raises(KeyError, match="unknown stage"):
+        g["nope"]
+
+
+def test_config_change_invalidates_only_downstream(tmp_path):
+    g = Graph(TOY)
+    cfg = _cfg(tmp_path)
+    assert set(_states(g, cfg).values()) == {MISSING}
+    for name in "abcd":
+        _finish(g, cfg, name)
+    assert set(_states(g, cfg).values()) == {DONE}
+    changed = _cfg(tmp_path, b=2)
+    assert _states(g, changed) == {"a": DONE, "b": STALE, "c": STALE, "d": DONE}
+    assert evaluate_all(g, changed)["c"].reasons == ["input b is stale"]
+    _finish(g, changed, "b")   # re-running b changes its digest: c must re-run too
+    st = evaluate_all(g, changed)
+    assert st["c"].state == STALE and st["c"].reasons == ["input b changed"]
+    _finish(g, changed, "c")
+    assert set(_states(g, changed).values()) == {DONE}
+
+
+def test_code_version_flag(tmp_path, monkeypatch):
+    g = Graph(TOY)
+    cfg = _cfg(tmp_path)
+    for name in "abcd":
+        _finish(g, cfg, name)
+    import pipelines.status as status
+
+    monkeypatch.setattr(status, "code_version", lambda: {"source_sha": "something-else"})
+    assert set(_states(g, cfg).values()) == {DONE}          # recorded, not enforced by default
+    cfg.pipeline.code_version_invalidates = True
+    assert set(_states(g, cfg).values()) == {STALE}
+
+
+def test_unreadable_manifest_counts_as_missing(tmp_path):
+    g = Graph(TOY)
+    cfg = _cfg(tmp_path)
+    _finish(g, cfg, "a")
+    (tmp_path / "a" / "manifest.json").write_text("{not json")
+    assert _states(g, cfg)["a"] == MISSING
