@@ -29,8 +29,8 @@ def tracking_uri(cfg: DictConfig) -> str:
 
 
 def artifact_location(cfg: DictConfig) -> str | None:
-    """Artifacts of the embedded store live under the run directory; a server decides its own."""
-    if cfg.mlflow.tracking_uri:
+    """Artifacts of a database store live under the run directory; a server decides its own."""
+    if str(tracking_uri(cfg)).startswith(("http://", "https://", "databricks")):
         return None
     loc = storage.join(cfg.run_dir, "mlartifacts")
     return loc if storage.is_remote(loc) else "file://" + loc

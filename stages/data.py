@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 from pipelines.context import StageContext, StageResult
 from pipelines.runtime import ray_progress
 from unclip import storage
-from unclip.data import importer, shapes
+from unclip.data import importer
 from unclip.data.shards import ShardWriter, list_shards, sample_key, shard_name
 
 log = logging.getLogger("unclip")
@@ -69,6 +69,8 @@ def write_shapes_shard(out: str, shard_index: int, start: int, count: int, seed:
                        supersample: int, image_format: str, samples_per_shard: int,
                        scene_kwargs: dict[str, float]) -> int:
     """Render samples [start, start+count) into shard ``shard_index``; deterministic per seed."""
+    from unclip.data import shapes
+
     fmt = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG", "webp": "WEBP"}[image_format]
     ext = "jpg" if fmt == "JPEG" else image_format
     with ShardWriter(out, shard_name(shard_index)) as w:

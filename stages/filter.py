@@ -12,7 +12,6 @@ import logging
 from collections import Counter
 from typing import Any
 
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
@@ -69,37 +68,38 @@ def run(ctx: StageContext) -> StageResult:
     out = ctx.path("shards")
     storage.makedirs(out)
 
-    scanned = (ray.data.from_items([{"shard": s} for s in shards], override_num_blocks=len(shards))
-               .flat_map(scan_shard, fn_kwargs={"cfg": cfg})
-               .to_pandas())
-    if scanned.empty:
-        scanned = pd.DataFrame(columns=SCAN_COLUMNS)
-    scanned = scanned.sort_values(["shard", "order"], kind="stable").reset_index(drop=True)
-    verdicts = [Verdict(r.key, r.reason, r.detail, r.image_sha, int(r.width), int(r.height))
-                for r in scanned.itertuples()]
+    rows = (ray.data.from_items([{"shard": s} for s in shards], override_num_blocks=len(shards))
+            .flat_map(scan_shard, fn_kwargs={"cfg": cfg})
+            .take_all())
+    rows.sort(key=lambda r: (r["shard"], r["order"]))
+    verdicts = [Verdict(r["key"], r["reason"], r["detail"], r["image_sha"], r["width"], r["height"])
+                for r in rows]
     mark_duplicates(verdicts, cfg)
-    scanned["reason"] = [v.reason for v in verdicts]
 
-    kept = scanned[scanned["reason"].isna()]
-    plan = [{"shard": s, "keep": kept.loc[kept["shard"] == s, "order"].astype(int).tolist()}
-            for s in shards]
-    written = (ray.data.from_items(plan, override_num_blocks=len(plan))
+    keep: dict[str, list[int]] = {s: [] for s in shards}
+    for r, v in zip(rows, verdicts):
+        if v.reason is None:
+            keep[r["shard"]].append(int(r["order"]))
+    written = (ray.data.from_items([{"shard": s, "keep": k} for s, k in keep.items()],
+                                   override_num_blocks=len(shards))
                .map(write_shard, fn_kwargs={"cfg": cfg, "out": out})
                .take_all())
     n_written = sum(int(r["written"]) for r in written)
 
-    dropped = scanned[scanned["reason"].notna()]
-    counts = Counter(dropped["reason"])
+    dropped = [(storage.basename(r["shard"]), v.key, v.reason, v.detail)
+               for r, v in zip(rows, verdicts) if v.reason is not None]
+    counts = Counter(d[2] for d in dropped)
     unknown = set(counts) - set(REASONS)
     if unknown:
         raise RuntimeError(f"filter: reasons without a name in REASONS: {sorted(unknown)}")
     count_table = pa.table({"reason": list(REASONS), "count": [int(counts.get(r, 0)) for r in REASONS]})
     _write_parquet(ctx.path("drop_counts.parquet"), count_table)
-    _write_parquet(ctx.path("dropped.parquet"), pa.Table.from_pandas(
-        dropped[["shard", "key", "reason", "detail"]].assign(shard=dropped["shard"].map(storage.basename)),
-        preserve_index=False))
+    _write_parquet(ctx.path("dropped.parquet"), pa.table(
+        dict(zip(["shard", "key", "reason", "detail"], map(list, zip(*dropped)))) if dropped else
+        {c: pa.array([], pa.string()) for c in ["shard", "key", "reason", "detail"]}))
 
-    samples = int((scanned["reason"] != "stray_file").sum() - counts.get("unreadable_shard_tail", 0))
+    # stray files and unreadable shard tails are not samples
+    samples = len(rows) - counts.get("stray_file", 0) - counts.get("unreadable_shard_tail", 0)
     metrics: dict[str, Any] = {"input_samples": samples, "kept": n_written,
                                "dropped": int(sum(counts.values())), "num_shards": len(shards)}
     metrics.update({f"dropped_{r}": int(counts.get(r, 0)) for r in REASONS})

@@ -41,7 +41,7 @@ REASONS = (
 class FilterConfig:
     min_side: int | None = 32
     max_aspect_ratio: float | None = 3.0
-    min_caption_chars: int | None = 3
+    min_caption_chars: int | None = 2
     max_caption_chars: int | None = 500
     dedup_keys: bool = True
     dedup_images: bool = True
