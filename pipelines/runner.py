@@ -62,6 +62,7 @@ def submit_stage(address: str, cfg: DictConfig, name: str, overrides: Sequence[s
     """Run one stage as a Ray job on the cluster at ``address`` and wait for it, streaming its logs."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
+    _use_token_if_available()
     client = JobSubmissionClient(address)
     args = " ".join(_shell_quote(o) for o in [*overrides, f"run_dir={cfg.run_dir}"])
     env = {runtime.IN_JOB_ENV: "1"}
@@ -92,6 +93,15 @@ def submit_stage(address: str, cfg: DictConfig, name: str, overrides: Sequence[s
         info = client.get_job_info(job_id)
         raise StageError(f"stage {name!r}: Ray job {job_id} {status.value.lower()}: "
                          f"{(info.message or '').strip().splitlines()[-1:] or ''}")
+
+
+def _use_token_if_available() -> None:
+    """A head started by `ray start` enables token auth by default: present its token if we have one."""
+    if "RAY_AUTH_MODE" in os.environ:
+        return
+    token_file = os.environ.get("RAY_AUTH_TOKEN_PATH", os.path.expanduser("~/.ray/auth_token"))
+    if os.environ.get("RAY_AUTH_TOKEN") or os.path.exists(token_file):
+        os.environ["RAY_AUTH_MODE"] = "token"
 
 
 def _shell_quote(s: str) -> str:

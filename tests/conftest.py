@@ -103,3 +103,76 @@ def make_bucket(env: dict, name: str) -> None:
 
     boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1",
                  aws_access_key_id="testing", aws_secret_access_key="testing").create_bucket(Bucket=name)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory):
+    """A real Ray head started with `ray start` on loopback (own ports, temp dir and auth token).
+
+    Yields (dashboard address for job submission, env the clients need).
+    """
+    import secrets
+    import shutil
+    import time
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    temp_dir = Path("/tmp") / f"ray-test-{secrets.token_hex(3)}"  # short: unix socket paths
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    # the cluster's `python` is this environment's, as a cluster image would have the project
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
+           "RAY_USAGE_STATS_ENABLED": "0",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env.pop("RAY_ADDRESS", None)
+    ports = {name: free_port() for name in ("port", "dashboard-port", "dashboard-agent-listen-port",
+                                            "dashboard-agent-grpc-port", "node-manager-port",
+                                            "object-manager-port", "metrics-export-port",
+                                            "runtime-env-agent-port", "ray-client-server-port")}
+    args = [ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
+            "--num-cpus=2", "--include-dashboard=true", "--disable-usage-stats",
+            f"--temp-dir={temp_dir}", *[f"--{k}={v}" for k, v in ports.items()]]
+    subprocess.run(args, env=env, check=True, capture_output=True, timeout=120)
+    address = f"http://127.0.0.1:{ports['dashboard-port']}"
+    try:
+        _wait_job_agent(address, env)
+        yield address, {k: env[k] for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
+    finally:
+        # not `ray stop`: that would stop every Ray on the machine, the session's own included
+        for sig in ("-TERM", "-KILL"):
+            subprocess.run(["pkill", sig, "-f", str(temp_dir)], capture_output=True)
+            time.sleep(2)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def jobs_client_call(address: str, env: dict, code: str, timeout: float = 120) -> str:
+    """Run ``code`` with ``client`` bound to a JobSubmissionClient, in a fresh process.
+
+    Ray reads its auth mode once per process, so a client with the cluster's token lives apart
+    from the test process (which runs its own token-less local Ray).
+    """
+    import subprocess
+    import sys
+
+    prog = ("import json, time\n"
+            "from ray.job_submission import JobSubmissionClient, JobStatus\n"
+            f"client = JobSubmissionClient({address!r})\n" + code)
+    done = subprocess.run([sys.executable, "-c", prog], env={**os.environ, **env},
+                          capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr[-2000:])
+    return done.stdout
+
+
+def _wait_job_agent(address: str, env: dict, timeout: float = 90.0) -> None:
+    """The head answers before its job agent does; wait until a job really runs."""
+    jobs_client_call(address, env, (
+        f"deadline = time.monotonic() + {timeout}\n"
+        "while True:\n"
+        "    try:\n"
+        "        job = client.submit_job(entrypoint='python -c pass'); break\n"
+        "    except Exception:\n"
+        "        if time.monotonic() > deadline: raise\n"
+        "        time.sleep(1.0)\n"
+        "while client.get_job_status(job) not in (JobStatus.SUCCEEDED, JobStatus.FAILED):\n"
+        "    time.sleep(0.5)\n"), timeout=timeout + 60)
