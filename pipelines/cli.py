@@ -74,7 +74,14 @@ def _table(rows: list[tuple[str, ...]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    # overrides may follow options (`stage embed --force key=value`): argparse leaves them over
+    bad = [a for a in extra if a.startswith("-") or "=" not in a]
+    if bad or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(bad or extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     logging.basicConfig(level=logging.INFO, format="[unclip] %(message)s", stream=sys.stdout)
     warnings.filterwarnings("ignore", category=FutureWarning)
     graph = Graph()

@@ -38,6 +38,10 @@ STAGES: tuple[StageSpec, ...] = (
               fingerprint="stages.data:fingerprint"),
     StageSpec("filter", ("data",), ("filter",), "stages.filter:run",
               "drop bad samples by reason; RGB-convert the rest"),
+    StageSpec("clip", ("filter",), ("clip",), "stages.clip:run",
+              "a configured CLIP, or one trained here with open_clip (Ray Train)"),
+    StageSpec("embed", ("filter", "clip"), ("embed",), "stages.embed:run",
+              "CLIP image + text embeddings to Parquet (Ray Data actor pool)"),
 )
 
 

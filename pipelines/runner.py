@@ -96,7 +96,7 @@ def submit_stage(address: str, cfg: DictConfig, name: str, overrides: Sequence[s
 
 
 def _use_token_if_available() -> None:
-    """A head started by `ray start` enables token auth by default: present its token if we have one."""
+    """Ray enables token auth on a new head whenever a token exists: present it if we have one."""
     if "RAY_AUTH_MODE" in os.environ:
         return
     token_file = os.environ.get("RAY_AUTH_TOKEN_PATH", os.path.expanduser("~/.ray/auth_token"))

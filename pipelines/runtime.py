@@ -35,6 +35,7 @@ def ensure_ray(cfg: DictConfig) -> None:
         return
     os.environ.pop("RAY_ADDRESS", None)  # never attach to a stray cluster by accident
     ray.init(
+        address="local",  # a new in-process Ray, even when a `ray start` cluster runs here
         num_cpus=cfg.ray.num_cpus or os.cpu_count(),
         num_gpus=cfg.ray.num_gpus,
         object_store_memory=cfg.ray.object_store_memory,

@@ -1,0 +1,175 @@
+"""CLIP stage: resolve a configured CLIP, or train one with open_clip's contrastive loss on Ray Train.
+
+Training data streams from the filtered shards through Ray Data (decoded and resized in parallel);
+a fixed held-out split (by key hash) measures image->text recall@1/@5 beside its chance level.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+import torch.nn.functional as F
+
+from pipelines.config import to_container
+from pipelines.context import StageContext, StageResult
+from stages import training
+from unclip import storage
+from unclip.data.loading import iter_decoded
+from unclip.data.shards import list_shards
+from unclip.eval.retrieval import recall_at_k
+from unclip.models.clip import ClipEncoder, create_custom, load_clip
+from unclip.registry import register_checkpoint, resolve_checkpoint
+
+log = logging.getLogger("unclip")
+MEAN = torch.tensor((0.48145466, 0.4578275, 0.40821073)).view(1, 3, 1, 1)
+STD = torch.tensor((0.26862954, 0.26130258, 0.27577711)).view(1, 3, 1, 1)
+
+
+def to_model_input(images: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> normalized float (B, 3, H, W), CLIP's statistics."""
+    x = torch.from_numpy(np.array(images, dtype=np.uint8)).permute(0, 3, 1, 2).float().div_(255.0)
+    return (x - MEAN) / STD
+
+
+def run(ctx: StageContext) -> StageResult:
+    c = ctx.stage_cfg
+    if c.source:
+        encoder = load_clip(resolve_checkpoint(str(c.source)), c.arch)
+        return StageResult(outputs={"model": str(c.source)}, metrics={"dim": encoder.dim},
+                           summary=f"using CLIP {encoder.identity}")
+    return _train(ctx)
+
+
+def _train(ctx: StageContext) -> StageResult:
+    c = ctx.stage_cfg
+    model_cfg = to_container(c.model)
+    size = int(model_cfg["vision_cfg"]["image_size"])
+    shards = list_shards(ctx.input("filter", "shards"))
+    frac = float(c.train.holdout_fraction)
+    train_ds = ray.data.from_items([{"shard": s} for s in shards], override_num_blocks=len(shards)) \
+        .flat_map(lambda r: list(iter_decoded(r["shard"], size, "train", frac)))
+    holdout = [row for s in shards for row in iter_decoded(s, size, "holdout", frac)]
+    holdout = holdout[: int(c.train.max_holdout)]
+    if len(holdout) < 10:
+        raise ValueError(f"clip: only {len(holdout)} held-out samples; raise clip.train.holdout_fraction")
+    n_train = train_ds.count()
+    loop_config = {
+        "model": model_cfg, "train": to_container(c.train), "n_train": n_train,
+        "holdout": {"images": np.stack([r["image"] for r in holdout]),
+                    "captions": [r["caption"] for r in holdout]},
+    }
+    log.info("clip: training on %d samples, %d held out, %d worker(s)", n_train, len(holdout),
+             int(c.train.num_workers))
+    result = training.fit(ctx, train_loop, loop_config, int(c.train.num_workers),
+                          datasets={"train": train_ds})
+    model = create_custom(model_cfg)
+    meta = training.load_result_state(result, model)
+    encoder = ClipEncoder(model, {"arch": "custom", "source": "trained"}, model_cfg)
+    folder = ctx.path("model")
+    encoder.save(folder, extra={"trained_steps": meta.get("step"), "metrics": meta.get("metrics")})
+    final = {k: float(v) for k, v in (meta.get("metrics") or {}).items()}
+    version, alias = register_checkpoint(folder, str(c.register_name), final.get("val_recall_at_5"))
+    return StageResult(
+        outputs={"model": folder, "registered": f"models:/{c.register_name}/{version}"},
+        metrics={**final, "n_train": n_train, "n_holdout": len(holdout),
+                 "registered_version": int(version), "registered_alias": alias},
+        summary=(f"held-out recall@1 {final.get('val_recall_at_1', float('nan')):.3f} "
+                 f"(chance {final.get('val_chance_at_1', float('nan')):.3f}), recall@5 "
+                 f"{final.get('val_recall_at_5', float('nan')):.3f} "
+                 f"(chance {final.get('val_chance_at_5', float('nan')):.3f}); "
+                 f"registered {c.register_name} v{version} as {alias}"),
+    )
+
+
+def evaluate(model: torch.nn.Module, holdout: dict[str, Any], batch_size: int = 256) -> dict[str, float]:
+    """Held-out image->text recall@1/@5 (text-level) and the chance level of each."""
+    from open_clip.tokenizer import SimpleTokenizer
+
+    model.eval()
+    tok = SimpleTokenizer(context_length=int(model.context_length))
+    img, txt = [], []
+    with torch.no_grad():
+        for i in range(0, len(holdout["captions"]), batch_size):
+            img.append(F.normalize(model.encode_image(to_model_input(
+                holdout["images"][i:i + batch_size])), dim=-1))
+            txt.append(F.normalize(model.encode_text(tok(holdout["captions"][i:i + batch_size])),
+                                   dim=-1))
+    model.train()
+    r = recall_at_k(torch.cat(img).numpy(), torch.cat(txt).numpy(), holdout["captions"])
+    return {f"val_{k}": v for k, v in r.items()}
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """One Ray Train worker: open_clip CLIP + ClipLoss (features gathered across workers)."""
+    import ray.train
+    import ray.train.torch
+    from open_clip.loss import ClipLoss
+    from open_clip.tokenizer import SimpleTokenizer
+
+    t = config["train"]
+    session = training.WorkerSession(config)
+    training.seed_everything(int(t["seed"]) + session.rank)
+    model = create_custom(config["model"])
+    model = ray.train.torch.prepare_model(model)
+    inner = training.unwrap(model)
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": float(t["weight_decay"])},
+                             {"params": no_decay, "weight_decay": 0.0}],
+                            lr=float(t["lr"]), betas=(0.9, 0.98), eps=1e-6)
+    meta = session.restore(model, opt, None)
+    step, start_epoch = int(meta.get("step", 0)), int(meta.get("epoch", -1)) + 1
+    loss_fn = ClipLoss(gather_with_grad=True, rank=session.rank, world_size=session.world_size)
+    tok = SimpleTokenizer(context_length=int(inner.context_length))
+    per_worker = max(1, config["n_train"] // session.world_size)
+    steps_per_epoch = max(1, per_worker // int(t["batch_size"]))
+    total = steps_per_epoch * int(t["epochs"])
+    shard = ray.train.get_dataset_shard("train")
+
+    for epoch in range(start_epoch, int(t["epochs"])):
+        losses = []
+        for batch in shard.iter_batches(batch_size=int(t["batch_size"]), batch_format="numpy",
+                                        drop_last=True, local_shuffle_buffer_size=2048,
+                                        local_shuffle_seed=int(t["seed"]) + epoch):
+            lr = _lr(step, total, float(t["lr"]), int(t["warmup_steps"]))
+            for g in opt.param_groups:
+                g["lr"] = lr
+            out = model(to_model_input(batch["image"]), tok(list(batch["caption"])))
+            img_f, txt_f, scale = out if isinstance(out, tuple) else \
+                (out["image_features"], out["text_features"], out["logit_scale"])
+            loss = loss_fn(img_f, txt_f, scale)
+            if not torch.isfinite(loss):
+                training._say(f"[unclip] warning: non-finite loss at step {step}, batch skipped")
+                opt.zero_grad(set_to_none=True)
+                continue
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), float(t["grad_clip"]))
+            opt.step()
+            with torch.no_grad():
+                inner.logit_scale.clamp_(0, math.log(100))
+            step += 1
+            losses.append(float(loss))
+            if step % int(t["log_every"]) == 0:
+                session.log({"train_loss": float(loss), "lr": lr}, step)
+                session.progress(step, total, {"loss": float(loss)})
+        metrics = {"train_loss_epoch": float(np.mean(losses)) if losses else float("nan"),
+                   "epoch": epoch, "step": step}
+        if session.is_main:
+            metrics.update(evaluate(inner, config["holdout"]))
+            session.log({k: v for k, v in metrics.items() if k != "epoch"}, step)
+            session.progress(step, total, {k: v for k, v in metrics.items()
+                                           if k.startswith(("val_recall", "train_loss"))})
+        session.report(metrics, model, opt, None, {"step": step, "epoch": epoch})
+
+
+def _lr(step: int, total: int, base: float, warmup: int) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return base * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))

@@ -1,0 +1,152 @@
+"""Ray Train glue shared by the training stages: trainer set-up, resume, reporting, MLflow from rank 0.
+
+Checkpoints live in ``run_dir/checkpoints/<stage>-<config hash>`` (outside the stage folder, which a
+re-run empties), so constructing the trainer again with the same name resumes from the last one:
+same step, same optimizer state. A config change gives a new name and a fresh start.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import tempfile
+import time
+from typing import Any, Callable
+
+import torch
+
+from pipelines import tracking
+from pipelines.context import StageContext
+from pipelines.status import stage_config_hash
+from pipelines.graph import Graph
+from unclip import storage
+from unclip.training.state import EMA, load_state, save_state, unwrap
+
+log = logging.getLogger("unclip")
+
+
+def fit(ctx: StageContext, train_loop: Callable[[dict], None], loop_config: dict[str, Any],
+        num_workers: int, datasets: dict | None = None, max_failures: int = 3):
+    """Run ``train_loop`` data-parallel on ``num_workers`` Ray Train workers; returns the Result."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    use_gpu = bool(ctx.cfg.ray.num_gpus) or (torch.cuda.is_available() and not ctx.cfg.ray.address
+                                             and ctx.cfg.ray.num_gpus is None)
+    name = f"{ctx.name}-{stage_config_hash(Graph()[ctx.name], ctx.cfg)}"
+    config = {**loop_config,
+              "mlflow": {"tracking_uri": tracking.tracking_uri(ctx.cfg), "run_id": ctx.mlflow_run_id}}
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
+                                     resources_per_worker=None if use_gpu else {"CPU": 1}),
+        run_config=RunConfig(name=name, storage_path=checkpoint_root(ctx),
+                             failure_config=FailureConfig(max_failures=max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+        datasets=datasets or {},
+    )
+    return trainer.fit()
+
+
+def checkpoint_root(ctx: StageContext) -> str:
+    root = storage.join(ctx.cfg.run_dir, "checkpoints")
+    storage.makedirs(root)
+    return root
+
+
+# ---- inside the training workers -------------------------------------------------------------
+
+
+class WorkerSession:
+    """Rank, resume, periodic checkpoint + metrics reporting and MLflow logging from rank 0."""
+
+    def __init__(self, config: dict[str, Any]):
+        import ray.train
+
+        ctx = ray.train.get_context()
+        self.rank = ctx.get_world_rank()
+        self.world_size = ctx.get_world_size()
+        self.mlflow = config.get("mlflow") or {}
+        self._client = None
+        self._t0 = time.monotonic()
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def restore(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+                ema: EMA | None) -> dict[str, Any]:
+        """Load the last reported checkpoint if there is one; returns its meta ({} for a fresh run)."""
+        import ray.train
+
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None:
+            return {}
+        with ckpt.as_directory() as d:
+            meta = load_state(d, unwrap(model), optimizer, ema)
+        if self.is_main:
+            _say(f"[unclip] resumed from step {meta.get('step')} (epoch {meta.get('epoch')})")
+        return meta
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        if not self.is_main or not self.mlflow.get("run_id"):
+            return
+        from mlflow import MlflowClient
+        from mlflow.entities import Metric
+
+        if self._client is None:
+            self._client = MlflowClient(tracking_uri=self.mlflow["tracking_uri"])
+        now = int(time.time() * 1000)
+        try:
+            self._client.log_batch(self.mlflow["run_id"], metrics=[
+                Metric(k, float(v), now, step) for k, v in metrics.items()])
+        except Exception as exc:  # a tracking hiccup must not kill hours of training
+            _say(f"[unclip] warning: could not log metrics to MLflow at step {step}: "
+                 f"{str(exc).splitlines()[0][:200]}")
+
+    def progress(self, step: int, total: int, metrics: dict[str, float]) -> None:
+        if self.is_main:
+            rate = step / max(1e-9, time.monotonic() - self._t0)
+            shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+            _say(f"[unclip] step {step}/{total} {shown} ({rate:.2f} step/s)")
+
+    def report(self, metrics: dict[str, float], model: torch.nn.Module,
+               optimizer: torch.optim.Optimizer | None, ema: EMA | None, meta: dict[str, Any],
+               checkpoint: bool = True) -> None:
+        """A barrier on every rank; rank 0 attaches the training state as a checkpoint."""
+        import ray.train
+        from ray.train import Checkpoint
+
+        if checkpoint and self.is_main:
+            with tempfile.TemporaryDirectory() as d:
+                save_state(d, unwrap(model), optimizer, ema, {**meta, "metrics": metrics})
+                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
+        else:
+            ray.train.report(metrics)
+
+
+def _say(line: str) -> None:
+    """Straight to stdout: Ray Train's patched ``print`` would echo every line twice."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def load_result_state(result, model: torch.nn.Module, ema: EMA | None = None) -> dict[str, Any]:
+    """Load the final checkpoint of a finished Ray Train run into ``model`` (and ``ema``)."""
+    if result.checkpoint is None:
+        raise RuntimeError(f"training finished without a checkpoint: {result.error}")
+    with result.checkpoint.as_directory() as d:
+        return load_state(d, model, None, ema)
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    os.environ.setdefault("PYTHONHASHSEED", str(seed))

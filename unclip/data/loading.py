@@ -1,0 +1,40 @@
+"""Decoded training samples from (filtered) shards, and the deterministic train / held-out split."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from typing import Any, Iterator
+
+import numpy as np
+from PIL import Image
+
+from unclip.data.shards import RawSample, iter_shard
+
+
+def is_holdout(key: str, fraction: float) -> bool:
+    """Same answer for a key in every stage and every run: held-out sets never leak into training."""
+    h = int.from_bytes(hashlib.sha1(key.encode()).digest()[:4], "big")
+    return h % 10_000 < fraction * 10_000
+
+
+def iter_decoded(shard: str, image_size: int | None = None, split: str = "all",
+                 holdout_fraction: float = 0.0) -> Iterator[dict[str, Any]]:
+    """Rows {key, caption, image (H, W, 3) uint8} of a filtered shard, optionally resized square.
+
+    ``split`` is "train", "holdout" or "all". Samples that do not decode are skipped (the filter
+    stage has already counted and removed them; this only guards against unfiltered input).
+    """
+    for item in iter_shard(shard):
+        if not isinstance(item, RawSample) or item.image_bytes is None:
+            continue
+        if split != "all" and is_holdout(item.key, holdout_fraction) != (split == "holdout"):
+            continue
+        try:
+            img = Image.open(io.BytesIO(item.image_bytes)).convert("RGB")
+            caption = item.caption() or ""
+        except (OSError, ValueError, UnicodeDecodeError):
+            continue
+        if image_size is not None and img.size != (image_size, image_size):
+            img = img.resize((image_size, image_size), Image.BICUBIC)
+        yield {"key": item.key, "caption": caption, "image": np.asarray(img, dtype=np.uint8)}

@@ -1,0 +1,1 @@
+"""CLIP embedding files, their interop formats, PCA and embedding-space filters."""
