@@ -102,3 +102,18 @@ def test_text_tokens_match_pooled_embedding():
     np.testing.assert_allclose(pooled, enc.encode_text(["a red circle",
                                                         "a green star left of a blue square"]), atol=1e-6)
     assert tokens.shape == (2, 12, 16) and mask.sum(1).tolist() == [5, 10]
+
+
+@pytest.mark.slow
+def test_clip_learns(tmp_path, ray_local):
+    """A few epochs on 480 shapes images: held-out recall@5 far above its chance level."""
+    run_dir = tmp_path / "learn"
+    assert main(["stage", "clip", "preset=smoke", f"run_dir={run_dir}", "data.num_samples=480",
+                 "clip.train.epochs=8", "clip.train.batch_size=32",
+                 "clip.train.holdout_fraction=0.25"]) == 2  # needs its inputs first
+    assert main(["run", "preset=smoke", f"run_dir={run_dir}", "data.num_samples=480",
+                 "clip.train.epochs=8", "clip.train.batch_size=32",
+                 "clip.train.holdout_fraction=0.25"]) == 0
+    m = _manifest(run_dir, "clip")["metrics"]
+    assert m["val_recall_at_5"] >= 3 * m["val_chance_at_5"], m
+    assert m["val_recall_at_1"] >= 3 * m["val_chance_at_1"], m
