@@ -117,3 +117,28 @@ def test_clip_learns(tmp_path, ray_local):
     m = _manifest(run_dir, "clip")["metrics"]
     assert m["val_recall_at_5"] >= 3 * m["val_chance_at_5"], m
     assert m["val_recall_at_1"] >= 3 * m["val_chance_at_1"], m
+
+
+def test_clip_weights_file_on_s3(smoke_run, s3_server, tmp_path, monkeypatch):
+    """A weights file at an s3:// URI (moto server) loads like the local checkpoint."""
+    import open_clip
+    import s3fs
+    from safetensors.torch import save
+
+    from conftest import make_bucket
+
+    for k, v in s3_server.items():
+        monkeypatch.setenv(k, v)
+    make_bucket(s3_server, "clip-weights")
+    ref = load_clip(str(smoke_run / "clip" / "model"))
+    cfg_dir = tmp_path / "arch"
+    cfg_dir.mkdir()
+    (cfg_dir / "unclip-smoke-s3.json").write_text(json.dumps(ref.model_cfg))
+    open_clip.add_model_config(str(cfg_dir))
+    fs = s3fs.S3FileSystem(endpoint_url=s3_server["AWS_ENDPOINT_URL"], key="testing", secret="testing")
+    fs.pipe("clip-weights/w.safetensors",
+            save({k: v.contiguous() for k, v in ref.model.state_dict().items()}))
+    remote = load_clip("s3://clip-weights/w.safetensors", arch="unclip-smoke-s3")
+    assert remote.identity["source"] == "s3://clip-weights/w.safetensors"
+    captions = ["a red circle", "a blue star"]
+    np.testing.assert_allclose(remote.encode_text(captions), ref.encode_text(captions), atol=1e-5)
