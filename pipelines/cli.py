@@ -34,6 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run every stage that is not done (make pipeline)", epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     r.add_argument("--force", action="store_true", help="re-run every stage, done or not")
+    r.add_argument("--until", metavar="STAGE", help="stop after this stage (and its inputs)")
     r.add_argument("overrides", nargs="*", help="Hydra overrides key=value")
     s = sub.add_parser("stage", help="run one stage (make stage STAGE=name)", epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -98,7 +99,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "stage":
             report = run(graph, cfg, args.overrides, stages=[args.name], force=args.force)
         else:
-            report = run(graph, cfg, args.overrides, force=args.force)
+            stages = None
+            if args.until:
+                stages = [*graph.upstream(args.until), graph[args.until].name]
+            report = run(graph, cfg, args.overrides, stages=stages, force=args.force)
     except (ConfigError, StageError, KeyError) as exc:
         print(f"error: {exc.args[0] if exc.args else exc}", file=sys.stderr)
         return 2

@@ -99,7 +99,7 @@ def test_filter_stage_counts_and_output(bad_shards, tmp_path, ray_local):
     from pipelines.cli import main
 
     run_dir = tmp_path / "run"
-    rc = main(["run", "preset=smoke", f"run_dir={run_dir}", f"data.source={bad_shards}"])
+    rc = main(["run", "--until", "filter", "preset=smoke", f"run_dir={run_dir}", f"data.source={bad_shards}"])
     assert rc == 0
     counts = dict(zip(*pq.read_table(run_dir / "filter" / "drop_counts.parquet").to_pydict().values()))
     assert {k: v for k, v in counts.items() if v} == EXPECTED_DROPS

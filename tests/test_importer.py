@@ -45,7 +45,7 @@ def test_read_caption_table_finds_columns(image_folder, tmp_path):
 
 def test_import_then_filter(image_folder, tmp_path, ray_local):
     run_dir = tmp_path / "run"
-    rc = main(["run", "preset=smoke", f"run_dir={run_dir}", f"data.source={image_folder}",
+    rc = main(["run", "--until", "filter", "preset=smoke", f"run_dir={run_dir}", f"data.source={image_folder}",
                f"data.captions={image_folder / 'captions.csv'}", "data.samples_per_shard=4"])
     assert rc == 0
     m = json.loads((run_dir / "data" / "manifest.json").read_text())["metrics"]

@@ -37,7 +37,7 @@ def _actions(report: str) -> dict[str, str]:
 
 def test_smoke_data_and_filter(tmp_path, ray_local, capsys):
     run_dir = tmp_path / "run"
-    assert _run("run", "preset=smoke", f"run_dir={run_dir}") == 0
+    assert _run("run", "--until", "filter", "preset=smoke", f"run_dir={run_dir}") == 0
     shards = list_shards(str(run_dir / "data" / "shards"))
     assert len(shards) == 3  # 96 samples, 32 per shard
     samples = [s for p in shards for s in iter_shard(p)]
@@ -55,7 +55,7 @@ def test_smoke_data_and_filter(tmp_path, ray_local, capsys):
     assert m["mlflow_run_id"]
 
     capsys.readouterr()
-    assert _run("run", "preset=smoke", f"run_dir={run_dir}") == 0
+    assert _run("run", "--until", "filter", "preset=smoke", f"run_dir={run_dir}") == 0
     assert "every stage is done" in capsys.readouterr().out
 
     # the data stage is deterministic for a seed
@@ -70,10 +70,10 @@ def test_smoke_data_and_filter(tmp_path, ray_local, capsys):
     assert lines["data"][1] == "done"
     assert lines["filter"][1] == "stale" and "config changed" in " ".join(lines["filter"])
     data_mtime = (run_dir / "data" / "manifest.json").stat().st_mtime
-    assert _run("run", "preset=smoke", f"run_dir={run_dir}", "filter.min_side=20") == 0
+    assert _run("run", "--until", "filter", "preset=smoke", f"run_dir={run_dir}", "filter.min_side=20") == 0
     assert _actions(capsys.readouterr().out) == {"data": "skipped", "filter": "ran"}
     assert (run_dir / "data" / "manifest.json").stat().st_mtime == data_mtime
-    assert _run("run", "preset=smoke", f"run_dir={run_dir}", "filter.min_side=20", "seed=1") == 0
+    assert _run("run", "--until", "filter", "preset=smoke", f"run_dir={run_dir}", "filter.min_side=20", "seed=1") == 0
     assert _actions(capsys.readouterr().out) == {"data": "ran", "filter": "ran"}
 
 
@@ -98,7 +98,7 @@ def test_stage_needs_its_inputs(tmp_path, ray_local, capsys):
 def test_killed_stage_leaves_no_manifest_and_resumes_cleanly(tmp_path):
     """SIGKILL the pipeline while it writes shards; the re-run neither duplicates nor appends."""
     run_dir = tmp_path / "run"
-    args = [sys.executable, "-m", "pipelines", "run", "preset=smoke", f"run_dir={run_dir}",
+    args = [sys.executable, "-m", "pipelines", "run", "--until", "filter", "preset=smoke", f"run_dir={run_dir}",
             "data.num_samples=1200", "data.samples_per_shard=20", "ray.num_cpus=1"]
     env = {**os.environ, "TQDM_DISABLE": "1"}
     proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,

@@ -36,6 +36,11 @@ def test_pipeline_on_s3(s3_server, tmp_path):
     assert manifest["outputs"]["shards"] == f"{run_dir}/filter/shards"
     assert manifest["metrics"]["kept"] > 0
     assert fs.exists("unclip-test/runs/smoke/filter/drop_counts.parquet")
+    # CLIP training (Ray Train checkpoints included) and the embeddings live on the bucket too
+    assert fs.exists("unclip-test/runs/smoke/clip/model/model.safetensors")
+    assert fs.find("unclip-test/runs/smoke/checkpoints")
+    assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls("unclip-test/runs/smoke/embed/embeddings")) == \
+        ["00000.parquet", "00001.parquet", "00002.parquet"]
     # the MLflow artifacts of the run went to the bucket as well
     assert fs.find("unclip-test/runs/smoke/mlartifacts")
 
