@@ -1,0 +1,34 @@
+"""The diffusion process of one model: schedule, parameterization, variance."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Mapping
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    num_train_timesteps: int = 1000
+    # Any diffusers beta_schedule: "squaredcos_cap_v2" is the cosine schedule the paper uses.
+    beta_schedule: str = "squaredcos_cap_v2"
+    # What the model predicts: "epsilon", "sample" (x0, the prior) or "v_prediction".
+    prediction_type: str = "epsilon"
+    # True: the model also outputs per-pixel interpolation values between the two bounds of the
+    # reverse variance (Nichol & Dhariwal), trained with the variational bound, output channels x2.
+    learn_variance: bool = False
+    # Weight of the variational-bound term when the variance is learned (the "hybrid" loss).
+    vlb_weight: float = 0.001
+    # Clamp predicted x0 to [-1, 1] while sampling (images: yes; CLIP embeddings: no).
+    clip_sample: bool = True
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> "DiffusionConfig":
+        d = dict(d or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown diffusion option(s) {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
