@@ -36,7 +36,8 @@ def fit(ctx: StageContext, train_loop: Callable[[dict], None], loop_config: dict
                                              and ctx.cfg.ray.num_gpus is None)
     name = f"{ctx.name}-{stage_config_hash(Graph()[ctx.name], ctx.cfg)}"
     config = {**loop_config,
-              "mlflow": {"tracking_uri": tracking.tracking_uri(ctx.cfg), "run_id": ctx.mlflow_run_id}}
+              "mlflow": {"tracking_uri": tracking.tracking_uri(ctx.cfg), "run_id": ctx.mlflow_run_id},
+              "fault": fault_injection()}
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=config,
@@ -48,6 +49,13 @@ def fit(ctx: StageContext, train_loop: Callable[[dict], None], loop_config: dict
         datasets=datasets or {},
     )
     return trainer.fit()
+
+
+def fault_injection() -> dict[str, Any] | None:
+    """Tests kill one training worker at a given step: UNCLIP_FAULT_KILL_AT_STEP + _MARKER (a file
+    created when it fires, so it fires once). Not a config value: it must not change the run."""
+    step, marker = os.environ.get("UNCLIP_FAULT_KILL_AT_STEP"), os.environ.get("UNCLIP_FAULT_MARKER")
+    return {"kill_at_step": int(step), "marker": marker} if step and marker else None
 
 
 def checkpoint_root(ctx: StageContext) -> str:

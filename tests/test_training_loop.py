@@ -1,0 +1,103 @@
+"""The shared step loop without Ray: learning, EMA, non-finite guard, checkpoint cadence."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from unclip.training.loop import LoopConfig, NonFiniteLossError, lr_at, make_optimizer, train
+from unclip.training.state import EMA
+
+
+class RecordingSession:
+    """A single-process stand-in for the Ray Train session: keeps what it is given."""
+
+    rank, world_size = 0, 1
+    is_main = True
+
+    def __init__(self):
+        self.logged, self.reports = [], []
+
+    def log(self, metrics, step):
+        self.logged.append((step, dict(metrics)))
+
+    def progress(self, step, total, metrics):
+        pass
+
+    def report(self, metrics, model, optimizer, ema, meta, checkpoint=True):
+        self.reports.append((dict(metrics), dict(meta)))
+
+
+def _setup(total=120, **kw):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    cfg = LoopConfig(total_steps=total, lr=0.05, warmup_steps=5, log_every=10, checkpoint_every=50,
+                     ema_decay=0.9, **kw)
+    return model, make_optimizer(model, cfg), EMA(model, cfg.ema_decay), cfg
+
+
+def _batches(epoch):
+    g = torch.Generator().manual_seed(epoch)
+    for _ in range(16):
+        x = torch.randn(32, 4, generator=g)
+        yield x, x @ torch.tensor([[1.0], [-2.0], [0.5], [3.0]])
+
+
+def _mse(model, batch):
+    x, y = batch
+    return {"loss": (model(x) - y).pow(2).mean()}
+
+
+def test_loop_learns_reports_and_evaluates():
+    model, opt, ema, cfg = _setup(eval_every=40)
+    session = RecordingSession()
+    evals = []
+
+    def evaluate(m, step):
+        evals.append(step)
+        x, y = next(iter(_batches(99)))
+        return {"val_mse": float((m(x) - y).pow(2).mean())}
+
+    final = train(session, model, opt, ema, _batches, _mse, cfg, evaluate=evaluate)
+    losses = [m["train_loss"] for _, m in session.logged if "train_loss" in m]
+    assert losses[-1] < 0.01 * losses[0]
+    assert final["val_mse"] < 0.05
+    assert [meta["step"] for _, meta in session.reports] == [50, 100, 120]
+    assert evals == [40, 80, 120]
+
+
+def test_nonfinite_steps_are_skipped_then_stop():
+    model, opt, ema, cfg = _setup(total=30, max_nonfinite_steps=3)
+    calls = {"n": 0}
+
+    def sometimes_nan(m, batch):
+        calls["n"] += 1
+        out = _mse(m, batch)
+        if calls["n"] in (3, 7):
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    before = [p.clone() for p in model.parameters()]
+    train(RecordingSession(), model, opt, ema, _batches, sometimes_nan, cfg)
+    assert calls["n"] == 32  # two skipped steps did not count
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+    model, opt, ema, cfg = _setup(total=30, max_nonfinite_steps=3)
+    with pytest.raises(NonFiniteLossError, match="3 consecutive steps"):
+        train(RecordingSession(), model, opt, ema, _batches,
+              lambda m, b: {"loss": _mse(m, b)["loss"] * float("inf")}, cfg)
+
+
+def test_resume_continues_the_step_count():
+    model, opt, ema, cfg = _setup(total=60)
+    session = RecordingSession()
+    train(session, model, opt, ema, _batches, _mse, cfg, start_step=50)
+    assert [meta["step"] for _, meta in session.reports] == [60]
+    assert session.logged[0][0] == 60
+
+
+def test_lr_schedule():
+    cfg = LoopConfig(total_steps=100, lr=1.0, warmup_steps=10, lr_schedule="cosine")
+    assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(10, cfg) == pytest.approx(1.0)
+    assert lr_at(100, cfg) == pytest.approx(0.0, abs=1e-9)

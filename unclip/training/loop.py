@@ -1,0 +1,179 @@
+"""The step loop every diffusion model trains with: AMP, grad clipping, EMA, non-finite guard,
+periodic evaluation and checkpoints. Framework-free: Ray Train enters through ``Session``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from contextlib import nullcontext
+from dataclasses import dataclass, fields
+from typing import Any, Callable, Iterable, Mapping, Protocol
+
+import torch
+
+from unclip.training.state import EMA, unwrap
+
+
+@dataclass
+class LoopConfig:
+    total_steps: int = 1000
+    lr: float = 1e-4
+    warmup_steps: int = 100
+    lr_schedule: str = "constant"      # constant | cosine (after warm-up)
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    log_every: int = 20
+    checkpoint_every: int = 200        # steps between resumable checkpoints (every rank reports)
+    eval_every: int = 0                # steps between evaluations on rank 0 (0: only at the end)
+    max_nonfinite_steps: int = 20      # consecutive skipped steps before a clear stop
+    amp: str = "auto"                  # auto (bf16/fp16 on CUDA, off on CPU) | bf16 | fp16 | off
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "LoopConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in dict(d).items() if k in known})
+
+
+class Session(Protocol):
+    rank: int
+    world_size: int
+
+    @property
+    def is_main(self) -> bool: ...
+    def log(self, metrics: dict[str, float], step: int) -> None: ...
+    def progress(self, step: int, total: int, metrics: dict[str, float]) -> None: ...
+    def report(self, metrics: dict[str, float], model: torch.nn.Module,
+               optimizer: torch.optim.Optimizer | None, ema: EMA | None, meta: dict[str, Any],
+               checkpoint: bool = True) -> None: ...
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def make_optimizer(model: torch.nn.Module, cfg: LoopConfig) -> torch.optim.Optimizer:
+    """AdamW, fused on CUDA; no weight decay on biases, norms and embeddings."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.ndim >= 2 and "embed" not in name else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    fused = next(model.parameters()).is_cuda
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), fused=fused or None)
+
+
+def lr_at(step: int, cfg: LoopConfig) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "cosine":
+        progress = (step - cfg.warmup_steps) / max(1, cfg.total_steps - cfg.warmup_steps)
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return cfg.lr
+
+
+def autocast_for(device: torch.device, amp: str):
+    """Mixed precision where the device supports it; full precision on CPU."""
+    if amp == "off" or device.type != "cuda":
+        return nullcontext(), None
+    dtype = torch.bfloat16 if amp == "bf16" or (amp == "auto" and torch.cuda.is_bf16_supported()) \
+        else torch.float16
+    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+    return torch.autocast("cuda", dtype=dtype), scaler
+
+
+def train(session: Session, model: torch.nn.Module, optimizer: torch.optim.Optimizer, ema: EMA,
+          batches: Callable[[int], Iterable[Any]], step_loss: Callable[[torch.nn.Module, Any], dict],
+          cfg: LoopConfig, start_step: int = 0, start_epoch: int = 0,
+          evaluate: Callable[[torch.nn.Module, int], dict[str, float]] | None = None,
+          fault: Mapping[str, Any] | None = None) -> dict[str, float]:
+    """Train until ``cfg.total_steps``; returns the final metrics (with the last evaluation).
+
+    ``batches(epoch)`` yields one epoch of batches; ``step_loss(model, batch)`` returns a dict with
+    a scalar ``loss`` (and any other scalars to log). A non-finite loss or gradient skips the step on
+    every rank alike (gradients are all-reduced, so all ranks see the same norm); too many in a row
+    stop training with a clear error, the last checkpoint kept.
+    """
+    device = next(model.parameters()).device
+    autocast, scaler = autocast_for(device, cfg.amp)
+    step, epoch, bad = start_step, start_epoch, 0
+    meta: dict[str, Any] = {"step": step, "epoch": epoch}
+    metrics: dict[str, float] = {}
+    sums: dict[str, float] = {}
+    count = 0
+    model.train()
+    while step < cfg.total_steps:
+        for batch in batches(epoch):
+            if step >= cfg.total_steps:
+                break
+            for g in optimizer.param_groups:
+                g["lr"] = lr_at(step, cfg)
+            with autocast:
+                out = step_loss(model, batch)
+            loss = out["loss"]
+            optimizer.zero_grad(set_to_none=True)
+            (scaler.scale(loss) if scaler else loss).backward()
+            if scaler:
+                scaler.unscale_(optimizer)
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            if not (torch.isfinite(loss) and torch.isfinite(norm)):
+                bad += 1
+                optimizer.zero_grad(set_to_none=True)
+                if scaler:
+                    scaler.update()
+                if session.is_main:
+                    session.progress(step, cfg.total_steps, {"skipped_nonfinite": float(bad)})
+                if bad >= cfg.max_nonfinite_steps:
+                    raise NonFiniteLossError(
+                        f"loss or gradients were non-finite for {bad} consecutive steps at step "
+                        f"{step}; stopping. The last checkpoint is kept: lower the learning rate "
+                        f"or check the data, then re-run to resume.")
+                continue
+            bad = 0
+            if scaler:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            ema.update(unwrap(model))
+            step += 1
+            count += 1
+            for k, v in out.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v)
+            if fault and step == int(fault.get("kill_at_step", -1)):
+                _kill_once(step, str(fault["marker"]))
+            if step % cfg.log_every == 0 or step == cfg.total_steps:
+                metrics = {f"train_{k}": v / max(1, count) for k, v in sums.items()}
+                metrics["lr"] = optimizer.param_groups[0]["lr"]
+                session.log(metrics, step)
+                session.progress(step, cfg.total_steps, metrics)
+                sums, count = {}, 0
+            evaluated = {}
+            if evaluate is not None and session.is_main and cfg.eval_every and step % cfg.eval_every == 0 \
+                    and step != cfg.total_steps:
+                evaluated = evaluate(ema.model, step)
+                session.log(evaluated, step)
+            if step % cfg.checkpoint_every == 0 and step != cfg.total_steps:
+                meta = {"step": step, "epoch": epoch}
+                session.report({**metrics, **evaluated, "step": step}, model, optimizer, ema, meta)
+        epoch += 1
+    final = dict(metrics)
+    if evaluate is not None and session.is_main:
+        final.update(evaluate(ema.model, step))
+        session.log({k: v for k, v in final.items() if not k.startswith("train_")}, step)
+        session.progress(step, cfg.total_steps, final)
+    session.report({**final, "step": step}, model, optimizer, ema, {"step": step, "epoch": epoch})
+    return final
+
+
+def _kill_once(step: int, marker: str) -> None:
+    """Fault injection for tests: the first worker to reach ``step`` dies like a killed process;
+    the marker file makes it fire once, so the restarted worker carries on."""
+    if os.path.exists(marker):
+        return
+    with open(marker, "w") as f:
+        f.write(str(step))
+    os._exit(137)
