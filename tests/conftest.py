@@ -29,6 +29,16 @@ def ray_local():
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory, ray_local):
+    """The whole pipeline once on the smoke preset; every stage's tests read its outputs."""
+    from pipelines.cli import main
+
+    run_dir = tmp_path_factory.mktemp("smoke") / "run"
+    assert main(["run", "preset=smoke", f"run_dir={run_dir}"]) == 0
+    return run_dir
+
+
 def png_bytes(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format=fmt, **kw)

@@ -14,13 +14,6 @@ from unclip.embeddings import io as eio
 from unclip.models.clip import create_custom, load_clip
 
 
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory, ray_local):
-    run_dir = tmp_path_factory.mktemp("clip") / "run"
-    assert main(["run", "preset=smoke", f"run_dir={run_dir}"]) == 0
-    return run_dir
-
-
 def _manifest(run_dir, stage):
     return json.loads((run_dir / stage / "manifest.json").read_text())
 
