@@ -12,6 +12,8 @@ from pipelines.executor import StageError
 from pipelines.graph import Graph
 from pipelines.runner import StageRun, run
 from pipelines.status import StageStatus, evaluate_all
+from pipelines.tracking import TrackingError
+from unclip.storage import StorageError
 
 EPILOG = """\
 overrides are Hydra key=value pairs applied on top of configs/config.yaml, for example:
@@ -103,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.until:
                 stages = [*graph.upstream(args.until), graph[args.until].name]
             report = run(graph, cfg, args.overrides, stages=stages, force=args.force)
-    except (ConfigError, StageError, KeyError) as exc:
+    except (ConfigError, StageError, KeyError, StorageError, TrackingError) as exc:
         print(f"error: {exc.args[0] if exc.args else exc}", file=sys.stderr)
         return 2
     print(_report_table(report))

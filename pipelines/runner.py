@@ -11,7 +11,7 @@ from typing import Sequence
 
 from omegaconf import DictConfig
 
-from pipelines import runtime
+from pipelines import runtime, tracking
 from pipelines.executor import StageError, execute
 from pipelines.graph import Graph
 from pipelines.manifest import read_manifest
@@ -34,6 +34,7 @@ def run(graph: Graph, cfg: DictConfig, overrides: Sequence[str], stages: Sequenc
     """Run ``stages`` (default: all) in graph order, skipping those already done unless forced."""
     wanted = [s.name for s in graph.stages] if stages is None else [graph[s].name for s in stages]
     report: list[StageRun] = []
+    tracking.check_reachable(tracking.tracking_uri(cfg))  # a dead server fails now, not mid-run
     for name in [s.name for s in graph.stages if s.name in wanted]:
         st = evaluate_all(graph, cfg)[name]
         if st.state == DONE and not force:

@@ -36,12 +36,52 @@ def artifact_location(cfg: DictConfig) -> str | None:
     return loc if storage.is_remote(loc) else "file://" + loc
 
 
+class TrackingError(RuntimeError):
+    """The configured MLflow server cannot be used; the message says which and what to do."""
+
+
+def check_reachable(uri: str, timeout: float = 10.0) -> None:
+    """Fail at once, in one line, when a tracking server is down at start.
+
+    Mid-run hiccups are a different matter: the MLflow client retries each request with backoff
+    (MLFLOW_HTTP_REQUEST_MAX_RETRIES, MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR), so a server that comes
+    back within a minute or two loses nothing.
+    """
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).read()
+    except urllib.error.HTTPError as exc:
+        if exc.code in (401, 403):  # an authenticating proxy answers: the server is there
+            return
+        raise TrackingError(f"MLflow tracking server {_redact(uri)} answered HTTP {exc.code} on "
+                            f"/health; check MLFLOW_TRACKING_URI") from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise TrackingError(f"MLflow tracking server {_redact(uri)} is not reachable ({reason}); "
+                            f"start it, or unset MLFLOW_TRACKING_URI to use the local store in "
+                            f"the run directory") from None
+
+
+def _redact(uri: str) -> str:
+    """user:password@host -> ***@host: credentials never reach a log line."""
+    if "@" in uri and "://" in uri:
+        scheme, rest = uri.split("://", 1)
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return uri
+
+
 def setup(cfg: DictConfig) -> str:
     """Point mlflow at the run's store and experiment; return the experiment id."""
     import mlflow
 
     logging.getLogger("alembic").setLevel(logging.WARNING)
-    mlflow.set_tracking_uri(tracking_uri(cfg))
+    uri = tracking_uri(cfg)
+    check_reachable(uri)
+    mlflow.set_tracking_uri(uri)
     name = str(cfg.mlflow.experiment)
     exp = mlflow.get_experiment_by_name(name)
     if exp is None:

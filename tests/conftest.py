@@ -87,6 +87,54 @@ def wait_http(url: str, timeout: float = 60.0) -> None:
             time.sleep(0.3)
 
 
+class MlflowServer:
+    """A real `mlflow server` on loopback with a sqlite backend and its own artifact folder.
+
+    ``stop``/``start`` keep the same port and store, so tests can take it down and bring it back.
+    """
+
+    def __init__(self, root):
+        self.root = root
+        self.port = free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.proc = None
+
+    def start(self) -> None:
+        import os
+        import subprocess
+        import sys
+        from pathlib import Path
+
+        mlflow_bin = str(Path(sys.executable).parent / "mlflow")
+        self.proc = subprocess.Popen(
+            [mlflow_bin, "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+             "--backend-store-uri", f"sqlite:///{self.root}/mlflow.db",
+             "--artifacts-destination", str(self.root / "artifacts")],
+            stdout=open(self.root / "server.log", "ab"), stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+        wait_http(f"{self.uri}/health", timeout=240)
+
+    def stop(self) -> None:
+        import os
+        import signal
+
+        if self.proc is not None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=30)
+            self.proc = None
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     """A real S3-compatible server (moto in server mode) on loopback; yields the env to use it."""

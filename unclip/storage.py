@@ -8,14 +8,69 @@ absent or complete, which is what resume relies on.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
+import logging
 import os
 import posixpath
+import time
 import uuid
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, TypeVar
 
 import fsspec
 from fsspec.core import url_to_fs
+
+
+log = logging.getLogger("unclip")
+T = TypeVar("T")
+
+
+class StorageError(OSError):
+    """A storage operation that kept failing; the message names the URI, the operation and why."""
+
+
+# Not worth retrying: the object or permission is really missing, or the caller passed garbage.
+_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
+              FileExistsError, ValueError, TypeError)
+
+
+def _attempts() -> int:
+    return max(1, int(os.environ.get("UNCLIP_STORAGE_ATTEMPTS", "5")))
+
+
+def retrying(op: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
+    """Retry a remote operation with exponential backoff, then fail with one clear error.
+
+    Object stores drop connections, throttle and briefly go away; a long training run must not die
+    on the first hiccup, nor hang forever on an endpoint that is down. Local paths are not retried.
+    """
+    def wrap(fn: Callable[..., T]) -> Callable[..., T]:
+        @functools.wraps(fn)
+        def inner(uri: str, *args: Any, **kwargs: Any) -> T:
+            if not is_remote(uri):
+                return fn(uri, *args, **kwargs)
+            attempts, delay = _attempts(), float(os.environ.get("UNCLIP_STORAGE_BACKOFF_S", "1.0"))
+            for attempt in range(1, attempts + 1):
+                try:
+                    return fn(uri, *args, **kwargs)
+                except _PERMANENT:
+                    raise
+                except Exception as exc:  # botocore/aiohttp errors are not all OSErrors
+                    reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+                    if attempt == attempts:
+                        raise StorageError(f"{op} {uri} failed after {attempts} attempts: {reason}. "
+                                           f"Check the endpoint (AWS_ENDPOINT_URL), credentials "
+                                           f"and network, then re-run: finished stages are kept."
+                                           ) from exc
+                    log.warning("%s %s failed (%s); retry %d/%d in %.1f s", op, uri, reason,
+                                attempt, attempts - 1, delay)
+                    with contextlib.suppress(Exception):
+                        get_fs(uri)[0].invalidate_cache()
+                    time.sleep(delay)
+                    delay = min(delay * 2, 30.0)
+            raise AssertionError("unreachable")
+        return inner
+    return wrap
 
 
 def is_remote(uri: str) -> bool:
@@ -48,6 +103,7 @@ def absolute(uri: str) -> str:
     return os.path.abspath(os.path.expanduser(uri))
 
 
+@retrying("checking")
 def exists(uri: str) -> bool:
     fs, path = get_fs(uri)
     return fs.exists(path)
@@ -59,6 +115,7 @@ def makedirs(uri: str) -> None:
         fs.makedirs(path, exist_ok=True)
 
 
+@retrying("removing")
 def remove(uri: str) -> None:
     """Remove a file or a whole tree; absent is fine."""
     fs, path = get_fs(uri)
@@ -68,6 +125,7 @@ def remove(uri: str) -> None:
         fs.invalidate_cache()
 
 
+@retrying("listing")
 def list_files(uri: str, suffix: str | tuple[str, ...] = "") -> list[str]:
     """Files directly under ``uri`` whose name ends with ``suffix``, as full URIs, sorted."""
     fs, path = get_fs(uri)
@@ -84,18 +142,21 @@ def list_files(uri: str, suffix: str | tuple[str, ...] = "") -> list[str]:
     return sorted(out)
 
 
+@retrying("inspecting")
 def file_info(uri: str) -> dict[str, Any]:
     fs, path = get_fs(uri)
     info = fs.info(path)
     return {"size": int(info.get("size") or 0), **({"etag": info["ETag"]} if "ETag" in info else {})}
 
 
+@retrying("reading")
 def read_bytes(uri: str) -> bytes:
     fs, path = get_fs(uri)
     with fs.open(path, "rb") as f:
         return f.read()
 
 
+@retrying("writing")
 def write_bytes(uri: str, data: bytes) -> None:
     """Write a whole object; on local disk through a temporary name and an atomic rename."""
     with open_atomic(uri) as f:
