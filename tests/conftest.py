@@ -93,8 +93,10 @@ class MlflowServer:
     ``stop``/``start`` keep the same port and store, so tests can take it down and bring it back.
     """
 
-    def __init__(self, root):
+    def __init__(self, root, artifacts: str | None = None, env: dict | None = None):
         self.root = root
+        self.artifacts = artifacts or str(root / "artifacts")
+        self.env = env or {}
         self.port = free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         self.proc = None
@@ -109,10 +111,10 @@ class MlflowServer:
         self.proc = subprocess.Popen(
             [mlflow_bin, "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
              "--backend-store-uri", f"sqlite:///{self.root}/mlflow.db",
-             "--artifacts-destination", str(self.root / "artifacts")],
+             "--artifacts-destination", self.artifacts],
             stdout=open(self.root / "server.log", "ab"), stderr=subprocess.STDOUT,
             start_new_session=True,
-            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+            env={**os.environ, **self.env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
         wait_http(f"{self.uri}/health", timeout=240)
 
     def stop(self) -> None:
@@ -164,9 +166,11 @@ def make_bucket(env: dict, name: str) -> None:
 
 
 @pytest.fixture(scope="session")
-def ray_cluster(tmp_path_factory):
-    """A real Ray head started with `ray start` on loopback (own ports, temp dir and auth token).
+def ray_cluster(tmp_path_factory, s3_server):
+    """A real two-node Ray cluster on loopback: `ray start --head` plus a worker node joined with
+    `ray start --address`, each with its own resources (own ports, temp dir and auth token).
 
+    The nodes hold the S3 credentials in their own environment, as cluster nodes would.
     Yields (dashboard address for job submission, env the clients need).
     """
     import secrets
@@ -179,19 +183,28 @@ def ray_cluster(tmp_path_factory):
     temp_dir = Path("/tmp") / f"ray-test-{secrets.token_hex(3)}"  # short: unix socket paths
     ray_bin = str(Path(sys.executable).parent / "ray")
     # the cluster's `python` is this environment's, as a cluster image would have the project
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
+    env = {**os.environ, **s3_server, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
            "RAY_USAGE_STATS_ENABLED": "0",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("RAY_ADDRESS", None)
-    ports = {name: free_port() for name in ("port", "dashboard-port", "dashboard-agent-listen-port",
-                                            "dashboard-agent-grpc-port", "node-manager-port",
-                                            "object-manager-port", "metrics-export-port",
-                                            "runtime-env-agent-port", "ray-client-server-port")}
-    args = [ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
-            "--num-cpus=2", "--include-dashboard=true", "--disable-usage-stats",
-            f"--temp-dir={temp_dir}", *[f"--{k}={v}" for k, v in ports.items()]]
-    subprocess.run(args, env=env, check=True, capture_output=True, timeout=120)
-    address = f"http://127.0.0.1:{ports['dashboard-port']}"
+
+    def ports(*names):
+        return {name: free_port() for name in names}
+
+    node_ports = ("node-manager-port", "object-manager-port", "metrics-export-port",
+                  "runtime-env-agent-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port")
+    head = ports("port", "dashboard-port", "ray-client-server-port", *node_ports)
+    subprocess.run([ray_bin, "start", "--head", "--node-ip-address=127.0.0.1",
+                    "--dashboard-host=127.0.0.1", "--num-cpus=2", "--include-dashboard=true",
+                    "--disable-usage-stats", f"--temp-dir={temp_dir}",
+                    *[f"--{k}={v}" for k, v in head.items()]],
+                   env=env, check=True, capture_output=True, timeout=180)
+    worker = ports(*node_ports)
+    subprocess.run([ray_bin, "start", f"--address=127.0.0.1:{head['port']}",
+                    "--node-ip-address=127.0.0.1", "--num-cpus=1", '--resources={"worker_node": 1}',
+                    "--disable-usage-stats", *[f"--{k}={v}" for k, v in worker.items()]],
+                   env=env, check=True, capture_output=True, timeout=180)
+    address = f"http://127.0.0.1:{head['dashboard-port']}"
     try:
         _wait_job_agent(address, env)
         yield address, {k: env[k] for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}

@@ -1,4 +1,5 @@
-"""With RAY_ADDRESS set, each stage runs as a Ray job on that cluster (a real `ray start` head)."""
+"""Production paths together: the smoke pipeline as Ray jobs on a real two-node Ray cluster, tracked
+by a real `mlflow server` whose artifacts live on S3, with the run directory on S3 (moto)."""
 
 from __future__ import annotations
 
@@ -10,27 +11,61 @@ from pathlib import Path
 
 import pytest
 
-from conftest import jobs_client_call
+from conftest import MlflowServer, jobs_client_call, make_bucket
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-def test_stages_are_submitted_as_ray_jobs(ray_cluster, tmp_path):
+def test_smoke_pipeline_on_cluster_mlflow_server_and_s3(ray_cluster, s3_server, tmp_path):
     address, auth_env = ray_cluster
-    run_dir = tmp_path / "run"
-    env = {**os.environ, **auth_env, "RAY_ADDRESS": address, "TQDM_DISABLE": "1",
-           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
-    args = [sys.executable, "-m", "pipelines", "run", "--until", "filter", "preset=smoke", f"run_dir={run_dir}"]
-    done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    out = done.stdout + done.stderr
-    assert done.returncode == 0, out[-4000:]
-    assert out.count("submitted as Ray job") == 2
+    make_bucket(s3_server, "unclip-prod")
+    server = MlflowServer(tmp_path, artifacts="s3://unclip-prod/mlflow-artifacts", env=s3_server)
+    server.start()
+    try:
+        run_dir = "s3://unclip-prod/runs/smoke"
+        env = {**os.environ, **s3_server, **auth_env, "RAY_ADDRESS": address, "TQDM_DISABLE": "1",
+               "MLFLOW_TRACKING_URI": server.uri}
+        args = ["make", "pipeline", f"ARGS=preset=smoke run_dir={run_dir}"]
+        done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+        out = done.stdout + done.stderr
+        assert done.returncode == 0, out[-4000:]
 
-    jobs = json.loads(jobs_client_call(address, auth_env, (
-        "print(json.dumps([[(j.metadata or {}).get('unclip.stage', ''), j.status.value]"
-        " for j in client.list_jobs()]))")))
-    ours = sorted((stage, status) for stage, status in jobs if stage)
-    assert ours == [("data", "SUCCEEDED"), ("filter", "SUCCEEDED")]
-    m = json.loads((run_dir / "filter" / "manifest.json").read_text())
-    assert m["metrics"]["kept"] > 0
+        from pipelines.graph import Graph
+
+        stages = [s.name for s in Graph().stages]
+        assert out.count("submitted as Ray job") == len(stages)
+        jobs = json.loads(jobs_client_call(address, auth_env, (
+            "print(json.dumps([[(j.metadata or {}).get('unclip.stage', ''), j.status.value]"
+            " for j in client.list_jobs()]))")))
+        ours = {stage: status for stage, status in jobs if stage}
+        assert ours == {s: "SUCCEEDED" for s in stages}
+
+        # two live nodes, each with its own resources
+        nodes = json.loads(jobs_client_call(address, auth_env, (
+            "job = client.submit_job(entrypoint=\"python -c 'import json, ray; ray.init(); "
+            "print(json.dumps([n[\\\"Resources\\\"] for n in ray.nodes() if n[\\\"Alive\\\"]]))'\")\n"
+            "while client.get_job_status(job) not in (JobStatus.SUCCEEDED, JobStatus.FAILED):\n"
+            "    time.sleep(0.5)\n"
+            "print(client.get_job_logs(job).strip().splitlines()[-1])\n")).strip().splitlines()[-1])
+        assert len(nodes) == 2 and sum("worker_node" in n for n in nodes) == 1
+
+        import s3fs
+        from mlflow import MlflowClient
+
+        fs = s3fs.S3FileSystem(endpoint_url=s3_server["AWS_ENDPOINT_URL"], key="testing",
+                               secret="testing")
+        for stage in stages:  # every manifest on the bucket; every registered model on the server
+            manifest = json.loads(fs.cat(f"unclip-prod/runs/smoke/{stage}/manifest.json"))
+            assert all(uri.startswith(("s3://", "models:/")) for uri in manifest["outputs"].values())
+            registered = manifest["outputs"].get("registered")
+            if registered:
+                name = registered.split("/")[1]
+                assert MlflowClient(server.uri).get_registered_model(name).name == name
+        assert fs.find("unclip-prod/mlflow-artifacts")  # the server's artifact store is S3
+        assert fs.find("unclip-prod/runs/smoke/checkpoints")
+
+        again = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert again.returncode == 0 and "every stage is done" in again.stdout, again.stderr[-3000:]
+    finally:
+        server.stop()

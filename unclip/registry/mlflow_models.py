@@ -8,6 +8,7 @@ otherwise the new version is the ``candidate``.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -69,23 +70,58 @@ def register_checkpoint(folder: str, name: str, metric: float | None = None,
     return version, alias
 
 
+def default_cache_dir() -> str:
+    return os.environ.get("UNCLIP_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "unclip",
+                                                          "models"))
+
+
+def _version_of(uri: str) -> tuple[str, str]:
+    """(name, version) of ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``."""
+    from mlflow import MlflowClient
+
+    ref = uri[len("models:/"):]
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+        return name, str(MlflowClient().get_model_version_by_alias(name, alias).version)
+    name, _, version = ref.partition("/")
+    if not version.isdigit():
+        raise LookupError(f"model URI {uri}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
+    return name, version
+
+
 def resolve_checkpoint(uri: str, cache_dir: str | None = None) -> str:
-    """A checkpoint folder for ``uri``: ``models:/NAME@ALIAS`` (or ``/VERSION``) is downloaded and
-    cached; anything else is returned as it is (a folder URI)."""
+    """A checkpoint folder for ``uri``: ``models:/NAME@ALIAS`` (or ``/VERSION``) is resolved to its
+    version, downloaded once and cached under ``cache_dir/NAME/VERSION`` (an alias that moves to a
+    new version downloads that one); anything else is returned as it is (a folder URI)."""
     if not uri.startswith("models:/"):
         return uri
     import mlflow
 
-    cache = cache_dir or os.path.join(tempfile.gettempdir(), "unclip-models")
-    os.makedirs(cache, exist_ok=True)
     try:
-        path = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tempfile.mkdtemp(dir=cache))
+        name, version = _version_of(uri)
     except mlflow.exceptions.MlflowException as exc:
         raise LookupError(f"model {uri} not found in {mlflow.get_tracking_uri()}: "
                           f"{str(exc).splitlines()[0]}") from None
+    # the store is part of the key: two stores may both hold a version 1 of the same name
+    store = hashlib.sha256(mlflow.get_tracking_uri().encode()).hexdigest()[:8]
+    target = os.path.join(cache_dir or default_cache_dir(), store, name, version)
+    found = sorted(Path(target).glob(f"artifacts/*/{checkpoint.CONFIG}"))
+    if found:
+        return str(found[0].parent)
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=os.path.dirname(target), prefix=f".{version}-")
+    try:
+        mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=tmp)
+        if not sorted(Path(tmp).glob(f"artifacts/*/{checkpoint.CONFIG}")):
+            raise LookupError(f"model {uri} holds no unclip checkpoint")
+        try:
+            os.replace(tmp, target)  # atomic: a concurrent reader sees all of it or nothing
+        except OSError:
+            pass  # another process cached it first
+    except mlflow.exceptions.MlflowException as exc:
+        raise LookupError(f"model {uri} could not be downloaded from {mlflow.get_tracking_uri()}: "
+                          f"{str(exc).splitlines()[0]}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     # MLflow keeps the logged folder's own name under artifacts/
-    found = sorted(Path(path, "artifacts").glob(f"*/{checkpoint.CONFIG}"))
-    if not found:
-        shutil.rmtree(path, ignore_errors=True)
-        raise LookupError(f"model {uri} holds no unclip checkpoint")
-    return str(found[0].parent)
+    return str(sorted(Path(target).glob(f"artifacts/*/{checkpoint.CONFIG}"))[0].parent)
