@@ -42,6 +42,8 @@ STAGES: tuple[StageSpec, ...] = (
               "a configured CLIP, or one trained here with open_clip (Ray Train)"),
     StageSpec("embed", ("filter", "clip"), ("embed",), "stages.embed:run",
               "CLIP image + text embeddings to Parquet (Ray Data actor pool)"),
+    StageSpec("pca", ("embed",), ("pca",), "stages.pca:run",
+              "out-of-core PCA of the image embeddings + AR-prior bucket edges (Ray Data passes)"),
 )
 
 
