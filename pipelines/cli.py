@@ -86,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         args.overrides = [*args.overrides, *extra]
     logging.basicConfig(level=logging.INFO, format="[unclip] %(message)s", stream=sys.stdout)
+    for noisy in ("botocore", "aiobotocore", "s3fs", "urllib3", "alembic", "mlflow.store"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)  # credential lookups, SQL migrations
     warnings.filterwarnings("ignore", category=FutureWarning)
     graph = Graph()
     if args.command == "stages":

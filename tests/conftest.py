@@ -64,6 +64,10 @@ def write_raw_tar(path, members: list[tuple[str, bytes]], truncate_to: int | Non
         f.write(data[:truncate_to] if truncate_to is not None else data)
 
 
+# A distinctive secret, so tests can prove it never reaches a log, a manifest or MLflow.
+S3_SECRET = "unclip-test-secret-5c1d7e"
+
+
 def free_port() -> int:
     import socket
 
@@ -150,7 +154,7 @@ def s3_server():
     try:
         wait_http(endpoint)
         env = {"AWS_ENDPOINT_URL": endpoint, "MLFLOW_S3_ENDPOINT_URL": endpoint,
-               "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+               "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": S3_SECRET,
                "AWS_DEFAULT_REGION": "us-east-1"}
         yield env
     finally:
@@ -162,7 +166,7 @@ def make_bucket(env: dict, name: str) -> None:
     import boto3
 
     boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1",
-                 aws_access_key_id="testing", aws_secret_access_key="testing").create_bucket(Bucket=name)
+                 aws_access_key_id="testing", aws_secret_access_key=S3_SECRET).create_bucket(Bucket=name)
 
 
 @pytest.fixture(scope="session")

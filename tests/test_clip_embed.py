@@ -118,7 +118,7 @@ def test_clip_weights_file_on_s3(smoke_run, s3_server, tmp_path, monkeypatch):
     import s3fs
     from safetensors.torch import save
 
-    from conftest import make_bucket
+    from conftest import S3_SECRET, make_bucket
 
     for k, v in s3_server.items():
         monkeypatch.setenv(k, v)
@@ -128,7 +128,7 @@ def test_clip_weights_file_on_s3(smoke_run, s3_server, tmp_path, monkeypatch):
     cfg_dir.mkdir()
     (cfg_dir / "unclip-smoke-s3.json").write_text(json.dumps(ref.model_cfg))
     open_clip.add_model_config(str(cfg_dir))
-    fs = s3fs.S3FileSystem(endpoint_url=s3_server["AWS_ENDPOINT_URL"], key="testing", secret="testing")
+    fs = s3fs.S3FileSystem(endpoint_url=s3_server["AWS_ENDPOINT_URL"], key="testing", secret=S3_SECRET)
     fs.pipe("clip-weights/w.safetensors",
             save({k: v.contiguous() for k, v in ref.model.state_dict().items()}))
     remote = load_clip("s3://clip-weights/w.safetensors", arch="unclip-smoke-s3")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import MlflowServer, jobs_client_call, make_bucket
+from conftest import S3_SECRET, MlflowServer, jobs_client_call, make_bucket
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,7 +54,7 @@ def test_smoke_pipeline_on_cluster_mlflow_server_and_s3(ray_cluster, s3_server, 
         from mlflow import MlflowClient
 
         fs = s3fs.S3FileSystem(endpoint_url=s3_server["AWS_ENDPOINT_URL"], key="testing",
-                               secret="testing")
+                               secret=S3_SECRET)
         for stage in stages:  # every manifest on the bucket; every registered model on the server
             manifest = json.loads(fs.cat(f"unclip-prod/runs/smoke/{stage}/manifest.json"))
             assert all(uri.startswith(("s3://", "models:/")) for uri in manifest["outputs"].values())
@@ -67,5 +67,10 @@ def test_smoke_pipeline_on_cluster_mlflow_server_and_s3(ray_cluster, s3_server, 
 
         again = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
         assert again.returncode == 0 and "every stage is done" in again.stdout, again.stderr[-3000:]
+        # the cluster's credentials stayed in its environment: not in any job's logs or metadata
+        logs = jobs_client_call(address, auth_env, (
+            "print(json.dumps([client.get_job_logs(j.submission_id) + json.dumps(j.runtime_env or {})"
+            " for j in client.list_jobs() if j.submission_id]))"))
+        assert S3_SECRET not in logs + out + again.stdout + again.stderr
     finally:
         server.stop()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_bucket, write_raw_tar
+from conftest import S3_SECRET, make_bucket, write_raw_tar
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,7 +28,7 @@ def test_pipeline_on_s3(s3_server, tmp_path):
     import s3fs
 
     fs = s3fs.S3FileSystem(endpoint_url=s3_server["AWS_ENDPOINT_URL"], key="testing",
-                           secret="testing")
+                           secret=S3_SECRET)
     names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls("unclip-test/runs/smoke/data/shards"))
     assert names == ["00000.parquet", "00000.tar", "00000_stats.json", "00001.parquet", "00001.tar",
                      "00001_stats.json", "00002.parquet", "00002.tar", "00002_stats.json"]
@@ -47,3 +47,9 @@ def test_pipeline_on_s3(s3_server, tmp_path):
     # a second run finds every stage done from the manifests on S3
     again = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "every stage is done" in again.stdout, again.stderr[-2000:]
+
+    # the secret key never reached the console, a manifest, or the MLflow store
+    assert S3_SECRET not in done.stdout + done.stderr + again.stdout + again.stderr
+    for manifest in fs.glob("unclip-test/runs/smoke/*/manifest.json"):
+        assert S3_SECRET not in fs.cat(manifest).decode()
+    assert S3_SECRET.encode() not in (tmp_path / "mlflow.db").read_bytes()
