@@ -44,6 +44,8 @@ STAGES: tuple[StageSpec, ...] = (
               "CLIP image + text embeddings to Parquet (Ray Data actor pool)"),
     StageSpec("pca", ("embed",), ("pca",), "stages.pca:run",
               "out-of-core PCA of the image embeddings + AR-prior bucket edges (Ray Data passes)"),
+    StageSpec("prior", ("embed", "pca", "clip"), ("prior",), "stages.prior:run",
+              "diffusion or autoregressive prior P(z_i | caption) (Ray Train), held-out cosine"),
 )
 
 

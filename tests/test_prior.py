@@ -1,0 +1,311 @@
+"""The priors: causality and shapes, learning on a learnable synthetic set (beating both trivial
+baselines), sampling determinism, checkpoint and registry round trips, and the stage's outputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from stages.prior import CaptionEncoder, validate
+from unclip.data.shapes import COLORS, SHAPES, sample_scene
+from unclip.embeddings.pca import fit as fit_pca
+from unclip.models.ar_prior import ARPrior, similarity_edges
+from unclip.models.clip import ClipEncoder, create_custom
+from unclip.models.prior import DiffusionPrior, load_prior, mean_cosine, rerank, resolve_embed_scale
+from unclip.models.transformer import CausalTransformer
+from unclip.training.loop import LoopConfig, make_optimizer, train
+from unclip.training.state import EMA
+
+DIM, WIDTH, CTX = 16, 32, 16
+N_TRAIN = 3000
+CLIP_CFG = {"embed_dim": DIM,
+            "vision_cfg": {"image_size": 16, "patch_size": 8, "width": 32, "layers": 1, "head_width": 16},
+            "text_cfg": {"context_length": CTX, "width": WIDTH, "heads": 2, "layers": 1}}
+
+
+class Session:
+    """Single-process stand-in for the Ray Train session (keeps what it is given)."""
+
+    rank, world_size, is_main = 0, 1, True
+
+    def __init__(self):
+        self.logged: list[tuple[int, dict]] = []
+
+    def log(self, metrics, step):
+        self.logged.append((step, dict(metrics)))
+
+    def progress(self, step, total, metrics):
+        pass
+
+    def report(self, metrics, model, optimizer, ema, meta, checkpoint=True):
+        pass
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: these models are tiny, and on a busy 2-core machine a second thread
+    only waits for the first (several times slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def synth():
+    """Captions from the shapes vocabulary; z_i a noisy function of the first object's colour and
+    shape (learnable from the caption, far from z_t of an untrained CLIP and from the mean z_i)."""
+    torch.manual_seed(0)
+    clip = ClipEncoder(create_custom(CLIP_CFG), {"arch": "custom"}, CLIP_CFG)
+    rng = np.random.default_rng(0)
+    scenes = [sample_scene(rng) for _ in range(N_TRAIN + 100)]
+    colour = rng.normal(size=(len(COLORS), DIM))
+    shape = rng.normal(size=(len(SHAPES), DIM))
+    zi = np.stack([colour[list(COLORS).index(s.objects[0].color)]
+                   + shape[list(SHAPES).index(s.objects[0].shape)] for s in scenes])
+    zi += 0.3 * rng.normal(size=zi.shape)
+    zi = (zi / np.linalg.norm(zi, axis=1, keepdims=True)).astype(np.float32)
+    caps = [s.caption for s in scenes]
+    zt = clip.encode_text(caps).astype(np.float32)
+    tr, ho = slice(0, N_TRAIN), slice(N_TRAIN, N_TRAIN + 100)
+    return {"clip": clip, "encoder": CaptionEncoder(clip), "captions": caps, "zi": zi, "zt": zt,
+            "train": tr,
+            "holdout": {"captions": caps[ho], "image": zi[ho], "text": zt[ho],
+                        "mean_train_image": zi[tr].mean(0)}}
+
+
+def _diffusion_prior(**kw) -> DiffusionPrior:
+    torch.manual_seed(0)
+    cfg = {"dim": DIM, "text_width": WIDTH, "max_text_len": CTX, "width": 32, "layers": 2, "heads": 2,
+           "embed_scale": resolve_embed_scale("sqrt_dim", DIM),
+           "diffusion": {"num_train_timesteps": 200, "beta_schedule": "squaredcos_cap_v2"}}
+    return DiffusionPrior({**cfg, **kw})
+
+
+def _ar_prior(synth, n_components=8, buckets=16) -> ARPrior:
+    torch.manual_seed(0)
+    zi, zt = synth["zi"][synth["train"]], synth["zt"][synth["train"]]
+    pca = fit_pca(zi, n_components=n_components, num_buckets=buckets)
+    cfg = {"dim": DIM, "text_width": WIDTH, "max_text_len": CTX, "n_components": n_components,
+           "num_buckets": buckets, "sim_buckets": 8, "width": 32, "layers": 2, "heads": 2}
+    return ARPrior.from_pca(cfg, pca, similarity_edges(np.sum(zi * zt, 1), 8))
+
+
+def _fit(model, synth, steps, lr=3e-3, batch=64):
+    """The shared step loop (no Ray), as the stage's workers run it."""
+    cfg = LoopConfig(total_steps=steps, lr=lr, warmup_steps=20, lr_schedule="cosine", log_every=20,
+                     checkpoint_every=10**6, ema_decay=0.95)
+    opt, ema, session = make_optimizer(model, cfg), EMA(model, cfg.ema_decay), Session()
+    enc, caps, zi, zt = synth["encoder"], synth["captions"], synth["zi"], synth["zt"]
+
+    def batches(epoch):
+        order = np.random.default_rng(epoch).permutation(N_TRAIN)
+        for i in range(0, N_TRAIN - batch + 1, batch):
+            yield order[i:i + batch]
+
+    def step_loss(m, idx):
+        tokens, mask = enc([caps[i] for i in idx])
+        return m.losses(torch.from_numpy(zi[idx]), tokens, mask, torch.from_numpy(zt[idx]))
+
+    train(session, model, opt, ema, batches, step_loss, cfg)
+    losses = [m["train_loss"] for _, m in session.logged if "train_loss" in m]
+    return ema.model, losses
+
+
+# ---- structure -----------------------------------------------------------------------------
+
+
+def test_transformer_is_causal():
+    torch.manual_seed(0)
+    net = CausalTransformer(16, 2, 2).eval()
+    x = torch.randn(2, 7, 16)
+    y = x.clone()
+    y[:, 4] += torch.randn(2, 16)
+    a, b = net(x), net(y)
+    assert torch.allclose(a[:, :4], b[:, :4], atol=1e-6)
+    assert not torch.allclose(a[:, 4:], b[:, 4:])
+
+
+def test_diffusion_prior_shapes_masking_and_dropout(synth):
+    m = _diffusion_prior().eval()
+    tokens, mask = synth["encoder"](synth["captions"][:3])
+    zt = torch.from_numpy(synth["zt"][:3])
+    x, t = torch.randn(3, DIM), torch.tensor([0, 50, 199])
+    out = m(x, t, tokens, mask, zt)
+    assert out.shape == (3, DIM)
+    # padded caption positions are masked out
+    garbage = tokens.clone()
+    garbage[~mask] = 100.0
+    assert torch.allclose(m(x, t, garbage, mask, zt), out, atol=1e-5)
+    # dropped captions: the output no longer depends on the caption or z_t
+    drop = torch.ones(3, dtype=torch.bool)
+    d1 = m(x, t, tokens, mask, zt, drop)
+    d2 = m(x, t, torch.randn_like(tokens), mask, torch.randn_like(zt), drop)
+    assert torch.allclose(d1, d2, atol=1e-5) and not torch.allclose(d1, out)
+    with pytest.raises(ValueError, match="text_tokens must be"):
+        m(x, t, tokens[..., :5], mask, zt)
+    with pytest.raises(ValueError, match="unknown diffusion prior option"):
+        DiffusionPrior({"dim": 4, "text_width": 4, "widht": 8})
+
+
+def test_ar_prior_is_causal_and_quantizer_round_trips(synth):
+    m = _ar_prior(synth).eval()
+    zi = torch.from_numpy(synth["zi"][:5])
+    codes = m.encode(zi)
+    assert codes.shape == (5, 8) and codes.min() >= 0 and codes.max() < 16
+    assert torch.equal(m.encode(m.decode(codes, normalize=False)), codes)  # bucket centres quantize to themselves
+    assert mean_cosine(m.decode(m.encode(synth["zi"])), synth["zi"]) > 0.9
+    tokens, mask = synth["encoder"](synth["captions"][:5])
+    zt = torch.from_numpy(synth["zt"][:5])
+    sim = m.sim_token(zi, zt)
+    logits = m(codes[:, :-1], tokens, mask, zt, sim)
+    assert logits.shape == (5, 8, 16)
+    changed = codes.clone()
+    changed[:, 3] = (changed[:, 3] + 1) % 16
+    other = m(changed[:, :-1], tokens, mask, zt, sim)
+    assert torch.allclose(logits[:, :4], other[:, :4], atol=1e-5)  # code j sees codes < j only
+    assert not torch.allclose(logits[:, 4:], other[:, 4:])
+
+
+def test_rerank_keeps_the_best_dot_product():
+    cands = torch.nn.functional.normalize(torch.randn(4, 3, 8), dim=-1)
+    zt = torch.randn(4, 8)
+    best = rerank(cands, zt)
+    scores = (cands * torch.nn.functional.normalize(zt, dim=-1)[:, None]).sum(-1)
+    assert torch.allclose((best * torch.nn.functional.normalize(zt, dim=-1)).sum(-1), scores.max(1).values)
+
+
+# ---- learning ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained_diffusion(synth):
+    return _fit(_diffusion_prior(), synth, steps=250)
+
+
+def test_diffusion_prior_learns_and_beats_baselines(synth, trained_diffusion):
+    model, losses = trained_diffusion
+    assert losses[-1] < 0.5 * losses[0]
+    m = validate(model, "diffusion", {"steps": 25, "num_candidates": 2}, synth["encoder"],
+                 synth["holdout"], seed=0)
+    base = max(m["val_baseline_text"], m["val_baseline_mean"])
+    assert m["val_cosine"] > base + 0.2, m
+    assert m["val_delta"] == pytest.approx(m["val_cosine"] - base)
+
+
+def test_ar_prior_learns_and_beats_mean_baseline(synth):
+    model, losses = _fit(_ar_prior(synth), synth, steps=1000, lr=5e-3)
+    assert losses[-1] < 0.6 * losses[0]
+    m = validate(model, "autoregressive", {"num_candidates": 1, "sim_quantile": [0.5, 1.0]},
+                 synth["encoder"], synth["holdout"], seed=0)
+    assert m["val_cosine"] > max(m["val_baseline_text"], m["val_baseline_mean"]) + 0.15, m
+
+
+# ---- sampling and files --------------------------------------------------------------------
+
+
+def test_sampling_is_deterministic_and_checkpoints_round_trip(synth, trained_diffusion, tmp_path):
+    model = trained_diffusion[0]
+    tokens, mask = synth["encoder"](synth["captions"][:4])
+    zt = torch.from_numpy(synth["zt"][:4])
+
+    def draw(m, seed, **kw):
+        return m.sample(tokens, mask, zt, steps=10, generator=torch.Generator().manual_seed(seed), **kw)
+
+    a = draw(model, 1, guidance_scale=2.0, num_candidates=3)
+    assert a.shape == (4, DIM) and torch.allclose(a.norm(dim=-1), torch.ones(4), atol=1e-5)
+    assert torch.equal(a, draw(model, 1, guidance_scale=2.0, num_candidates=3))
+    assert not torch.equal(a, draw(model, 2, guidance_scale=2.0, num_candidates=3))
+    for sampler in ("ddim", "dpm"):
+        assert draw(model, 1, sampler=sampler).shape == (4, DIM)
+    model.save(str(tmp_path / "diffusion"))
+    again = load_prior(str(tmp_path / "diffusion"))
+    assert isinstance(again, DiffusionPrior) and again.cfg == model.cfg
+    assert torch.equal(draw(again, 1, guidance_scale=2.0, num_candidates=3), a)
+
+    ar = _ar_prior(synth)
+    b = ar.sample(tokens, mask, zt, guidance_scale=1.5, generator=torch.Generator().manual_seed(3))
+    assert b.shape == (4, DIM)
+    ar.save(str(tmp_path / "ar"))
+    ar2 = load_prior(str(tmp_path / "ar"))
+    assert isinstance(ar2, ARPrior)
+    assert torch.equal(ar2.sample(tokens, mask, zt, guidance_scale=1.5,
+                                  generator=torch.Generator().manual_seed(3)), b)
+    assert json.loads((tmp_path / "ar" / "config.json").read_text())["kind"] == "ar_prior"
+
+
+def test_registry_round_trip_through_mlflow_server(mlflow_server, synth, trained_diffusion, tmp_path):
+    import mlflow
+
+    from unclip.registry import register_checkpoint, resolve_checkpoint
+
+    model = trained_diffusion[0]
+    folder = str(tmp_path / "prior")
+    model.save(folder)
+    mlflow.set_tracking_uri(mlflow_server.uri)
+    try:
+        mlflow.set_experiment("prior-registry-test")
+        name = f"unclip-prior-test-{tmp_path.name}"
+        with mlflow.start_run():
+            v1, alias1 = register_checkpoint(folder, name, 0.8)
+        with mlflow.start_run():
+            v2, alias2 = register_checkpoint(folder, name, 0.5)
+        assert (alias1, alias2) == ("champion", "candidate")
+        local = resolve_checkpoint(f"models:/{name}@champion", cache_dir=str(tmp_path / "cache"))
+        assert not (Path(local) / "model.pkl").exists()
+        loaded = load_prior(local)
+        tokens, mask = synth["encoder"](synth["captions"][:2])
+        zt = torch.from_numpy(synth["zt"][:2])
+        g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+        assert torch.equal(loaded.sample(tokens, mask, zt, steps=5, generator=g()),
+                           model.sample(tokens, mask, zt, steps=5, generator=g()))
+    finally:
+        mlflow.set_tracking_uri(None)
+
+
+# ---- the stage -----------------------------------------------------------------------------
+
+
+def test_prior_stage_outputs(smoke_run):
+    from pipelines.manifest import read_manifest
+
+    m = read_manifest(str(smoke_run), "prior")
+    assert m is not None
+    for k in ("val_cosine", "val_baseline_text", "val_baseline_mean", "val_delta",
+              "registered_version", "registered_alias", "train_loss"):
+        assert k in m.metrics, k
+    assert m.metrics["registered_alias"] in ("champion", "candidate")
+    model = load_prior(m.outputs["prior"])
+    assert isinstance(model, DiffusionPrior)
+    assert m.metrics["trained_steps"] > 0
+
+
+def test_prior_resumes_after_a_killed_worker(smoke_run, tmp_path, monkeypatch):
+    """A worker dies at step 25 (checkpoints every 20): Ray Train restarts it from step 20, the
+    run ends at the configured step count, and no step before 20 is trained (or logged) twice."""
+    import shutil
+
+    from mlflow import MlflowClient
+
+    from pipelines import tracking
+    from pipelines.cli import main
+    from pipelines.config import load_config
+    from pipelines.manifest import read_manifest
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(smoke_run, run_dir, ignore=shutil.ignore_patterns("prior", "prior-*"))
+    marker = tmp_path / "killed"
+    monkeypatch.setenv("UNCLIP_FAULT_KILL_AT_STEP", "25")
+    monkeypatch.setenv("UNCLIP_FAULT_MARKER", str(marker))
+    assert main(["stage", "prior", "preset=smoke", f"run_dir={run_dir}"]) == 0
+    assert marker.read_text() == "25"  # the fault fired (once)
+    m = read_manifest(str(run_dir), "prior")
+    assert m.metrics["trained_steps"] == 40
+    cfg = load_config(["preset=smoke", f"run_dir={run_dir}"])
+    client = MlflowClient(tracking.tracking_uri(cfg))
+    steps = [h.step for h in client.get_metric_history(m.mlflow_run_id, "train_loss")]
+    assert steps == [10, 20, 30, 40], steps  # resumed at 20: steps 10 and 20 were not redone

@@ -1,0 +1,230 @@
+"""The autoregressive prior (Ramesh et al. 2022, sec. 2.2): a causal Transformer over the quantized
+leading PCA components of z_i.
+
+z_i is projected on the ``pca`` stage's first ``n_components`` principal directions and each
+coefficient is quantized into that PCA's buckets (unclip.embeddings.pca does both). The sequence
+is [caption token encodings, z_t, similarity token, code_1 ... code_n]; the similarity token is
+the quantized dot product z_i . z_t (quantile buckets of its training distribution). At sampling
+the similarity token is drawn from the top half of that distribution (the upper half of the
+buckets, which are equally likely by construction), which the paper found gives better samples.
+The caption (tokens and z_t) is replaced by learned null tokens ``cond_drop_prob`` of the time, so
+logits can be guided (classifier-free guidance on the log-probabilities).
+
+The PCA mean, directions and bucket edges, and the similarity bucket edges, are buffers of the
+model: a checkpoint decodes its own samples with nothing else at hand.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from unclip import checkpoint
+from unclip.embeddings.pca import PCA
+from unclip.models.transformer import CausalTransformer, check_text
+
+KIND = "ar_prior"
+
+
+@dataclass
+class ARPriorConfig:
+    dim: int                      # CLIP embedding dimension
+    text_width: int               # width of the CLIP text tower's token states
+    n_components: int             # leading PCA components modelled (319 in the paper)
+    num_buckets: int              # buckets per component (1024 in the paper)
+    sim_buckets: int = 16         # buckets of the z_i . z_t token
+    max_text_len: int = 77
+    width: int = 256
+    layers: int = 4
+    heads: int = 4
+    dropout: float = 0.0
+    cond_drop_prob: float = 0.1
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "ARPriorConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown AR prior option(s) {unknown}; known: {sorted(known)}")
+        return cls(**dict(d))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def similarity_edges(sims: np.ndarray, buckets: int) -> np.ndarray:
+    """Quantile edges (buckets + 1,) of the training z_i . z_t values: equally likely buckets."""
+    sims = np.asarray(sims, np.float64)
+    if sims.size < buckets:
+        raise ValueError(f"{sims.size} similarity values cannot fill {buckets} quantile buckets")
+    return np.maximum.accumulate(np.quantile(sims, np.linspace(0, 1, buckets + 1)))
+
+
+class ARPrior(nn.Module):
+    def __init__(self, cfg: ARPriorConfig | Mapping[str, Any]):
+        super().__init__()
+        self.cfg = cfg if isinstance(cfg, ARPriorConfig) else ARPriorConfig.from_dict(cfg)
+        c = self.cfg
+        self.text_proj = nn.Linear(c.text_width, c.width)
+        self.zt_proj = nn.Linear(c.dim, c.width)
+        self.sim_embed = nn.Embedding(c.sim_buckets, c.width)
+        self.code_embed = nn.Embedding(c.num_buckets, c.width)
+        self.comp_embed = nn.Parameter(torch.randn(c.n_components, c.width) * 0.02)
+        self.prefix_pos = nn.Parameter(torch.randn(c.max_text_len + 2, c.width) * 0.02)
+        self.null_text = nn.Parameter(torch.randn(c.max_text_len, c.width) * 0.02)
+        self.null_zt = nn.Parameter(torch.randn(c.width) * 0.02)
+        self.transformer = CausalTransformer(c.width, c.layers, c.heads, c.dropout)
+        self.head = nn.Linear(c.width, c.num_buckets)
+        # the quantizer (float64: it must give the pca stage's buckets exactly)
+        self.register_buffer("pca_mean", torch.zeros(c.dim, dtype=torch.float64))
+        self.register_buffer("pca_components", torch.zeros(c.n_components, c.dim, dtype=torch.float64))
+        self.register_buffer("pca_variance", torch.zeros(c.dim, dtype=torch.float64))
+        self.register_buffer("pca_edges", torch.zeros(c.n_components, c.num_buckets + 1, dtype=torch.float64))
+        self.register_buffer("sim_edges", torch.linspace(-1, 1, c.sim_buckets + 1, dtype=torch.float64))
+
+    @classmethod
+    def from_pca(cls, cfg: ARPriorConfig | Mapping[str, Any], pca: PCA,
+                 sim_edges: np.ndarray) -> "ARPrior":
+        """A fresh prior whose quantizer is ``pca`` (truncated to n_components) and ``sim_edges``."""
+        model = cls(cfg)
+        c = model.cfg
+        if pca.dim != c.dim:
+            raise ValueError(f"PCA is of dim {pca.dim}, the prior's embeddings have dim {c.dim}")
+        if pca.num_buckets != c.num_buckets:
+            raise ValueError(f"PCA has {pca.num_buckets} buckets per component, config says {c.num_buckets}")
+        if c.n_components > pca.n_components:
+            raise ValueError(f"n_components {c.n_components} > the {pca.n_components} the PCA kept")
+        p = pca.truncated(c.n_components)
+        if len(sim_edges) != c.sim_buckets + 1:
+            raise ValueError(f"sim_edges must have {c.sim_buckets + 1} values, got {len(sim_edges)}")
+        for name, arr in (("pca_mean", p.mean), ("pca_components", p.components),
+                          ("pca_variance", p.explained_variance), ("pca_edges", p.bucket_edges),
+                          ("sim_edges", sim_edges)):
+            getattr(model, name).copy_(torch.from_numpy(np.asarray(arr, np.float64)))
+        return model
+
+    # ---- the quantizer ---------------------------------------------------------------------
+
+    def pca(self) -> PCA:
+        return PCA(self.pca_mean.cpu().numpy(), self.pca_components.cpu().numpy(),
+                   self.pca_variance.cpu().numpy(), 0, self.pca_edges.cpu().numpy())
+
+    def encode(self, z_i: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Bucket codes (B, n_components) of image embeddings."""
+        p = self.pca()
+        z = np.asarray(torch.as_tensor(z_i).detach().cpu(), np.float64)
+        return torch.from_numpy(p.quantize(p.transform(z)))
+
+    def decode(self, codes: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """Embeddings (B, dim) from bucket codes: bucket centres, inverse PCA, unit norm."""
+        p = self.pca()
+        z = torch.from_numpy(p.inverse_transform(p.dequantize(codes.cpu().numpy())))
+        return F.normalize(z.float(), dim=-1) if normalize else z
+
+    def sim_token(self, z_i: torch.Tensor, z_t: torch.Tensor) -> torch.Tensor:
+        """Quantized z_i . z_t (B,) in [0, sim_buckets)."""
+        s = (F.normalize(z_i.double(), dim=-1) * F.normalize(z_t.double(), dim=-1)).sum(-1)
+        edges = self.sim_edges.to(s.device)[1:-1].contiguous()
+        return torch.bucketize(s, edges, right=True)
+
+    # ---- the network -----------------------------------------------------------------------
+
+    def forward(self, codes_in: torch.Tensor, text_tokens: torch.Tensor, text_mask: torch.Tensor,
+                z_t: torch.Tensor, sim: torch.Tensor,
+                drop_text: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, m + 1, num_buckets) for codes 1..m+1 given the first m codes ``codes_in``."""
+        c = self.cfg
+        check_text(text_tokens, text_mask, c.text_width, c.max_text_len, "ARPrior")
+        b, n = text_tokens.shape[:2]
+        m = codes_in.shape[1]
+        if m >= c.n_components:
+            raise ValueError(f"ARPrior: {m} input codes; at most n_components - 1 = {c.n_components - 1}")
+        text = self.text_proj(text_tokens.to(self.head.weight.dtype))
+        zt = self.zt_proj(z_t.to(text.dtype) * c.dim ** 0.5)
+        mask = text_mask.bool()
+        if drop_text is not None:
+            d = drop_text.bool().view(b, 1)
+            text = torch.where(d[..., None], self.null_text[:n].expand(b, n, -1), text)
+            zt = torch.where(d, self.null_zt.expand(b, -1), zt)
+            mask = mask | d
+        prefix = torch.cat([text + self.prefix_pos[:n], (zt + self.prefix_pos[-2])[:, None],
+                            (self.sim_embed(sim) + self.prefix_pos[-1])[:, None]], dim=1)
+        codes = self.code_embed(codes_in) + self.comp_embed[:m]
+        seq = torch.cat([prefix, codes], dim=1)
+        valid = torch.cat([mask, torch.ones(b, 2 + m, dtype=torch.bool, device=mask.device)], dim=1)
+        h = self.transformer(seq, valid)
+        # the similarity token predicts code 1, code j predicts code j+1
+        return self.head(h[:, n + 1:])
+
+    def losses(self, z_i: torch.Tensor, text_tokens: torch.Tensor, text_mask: torch.Tensor,
+               z_t: torch.Tensor, generator: torch.Generator | None = None,
+               net: nn.Module | None = None) -> dict[str, torch.Tensor]:
+        """Mean cross-entropy per code (``loss``, nats), caption dropped ``cond_drop_prob`` of the
+        time. ``net``: the module to call (a DDP wrapper of this one, so gradients are all-reduced)."""
+        net = self if net is None else net
+        codes = self.encode(z_i).to(z_i.device)
+        sim = self.sim_token(z_i, z_t)
+        drop = torch.rand(z_i.shape[0], generator=generator).to(z_i.device) < self.cfg.cond_drop_prob
+        logits = net(codes[:, :-1], text_tokens, text_mask, z_t, sim, drop)
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), codes.reshape(-1))
+        return {"loss": loss}
+
+    # ---- sampling --------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def sample(self, text_tokens: torch.Tensor, text_mask: torch.Tensor, z_t: torch.Tensor,
+               guidance_scale: float = 1.0, temperature: float = 1.0, num_candidates: int = 1,
+               sim_quantile: tuple[float, float] = (0.5, 1.0),
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """Unit-norm image embeddings (B, dim). The similarity token is drawn uniformly from the
+        buckets in ``sim_quantile`` of its training distribution (the top half by default); with
+        several candidates the one with the largest z_i . z_t is kept."""
+        from unclip.models.prior import rerank
+
+        if num_candidates < 1 or temperature <= 0:
+            raise ValueError("num_candidates must be >= 1 and temperature > 0")
+        was_training = self.training
+        self.eval()
+        c = self.cfg
+        b, k = z_t.shape[0], int(num_candidates)
+        tt, tm, zt = (v.repeat_interleave(k, 0) for v in (text_tokens, text_mask, z_t))
+        bk, dev = b * k, zt.device
+        lo = min(c.sim_buckets - 1, int(round(sim_quantile[0] * c.sim_buckets)))
+        hi = max(lo + 1, int(round(sim_quantile[1] * c.sim_buckets)))
+        sim = torch.randint(lo, hi, (bk,), generator=generator).to(dev)
+        guided = guidance_scale != 1.0
+        if guided:
+            tt, tm, zt, sim = torch.cat([tt, tt]), torch.cat([tm, tm]), torch.cat([zt, zt]), torch.cat([sim, sim])
+            drop = torch.cat([torch.zeros(bk, dtype=torch.bool), torch.ones(bk, dtype=torch.bool)]).to(dev)
+        codes = torch.zeros(bk, 0, dtype=torch.long, device=dev)
+        for j in range(c.n_components):
+            # no key/value cache: recomputing the short sequence is cheap at the sizes trained here
+            inp = torch.cat([codes, codes]) if guided else codes
+            logits = self(inp, tt, tm, zt, sim, drop if guided else None)[:, -1].float()
+            logp = F.log_softmax(logits, dim=-1)
+            if guided:
+                cond, uncond = logp.chunk(2)
+                logp = uncond + guidance_scale * (cond - uncond)
+            probs = F.softmax(logp / temperature, dim=-1)
+            nxt = torch.multinomial(probs.cpu(), 1, generator=generator).to(dev)
+            codes = torch.cat([codes, nxt], dim=1)
+        self.train(was_training)
+        z = self.decode(codes).to(dev).view(b, k, -1)
+        return rerank(z, z_t)
+
+    # ---- files -----------------------------------------------------------------------------
+
+    def save(self, folder: str, extra: dict[str, Any] | None = None) -> None:
+        checkpoint.save(folder, self.state_dict(), KIND, self.cfg.to_dict(), extra)
+
+    @classmethod
+    def from_checkpoint(cls, folder: str) -> "ARPrior":
+        state, meta = checkpoint.load(folder, KIND)
+        model = cls(ARPriorConfig.from_dict(meta["config"]))
+        model.load_state_dict(state)
+        return model.eval()
