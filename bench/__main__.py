@@ -1,0 +1,104 @@
+"""``python -m bench`` (``make bench``): run every benchmark, print one summary table, write
+bench/results/summary.json (each benchmark also writes its own bench/results/<name>.json).
+
+    make bench                          # the full suite (~15 min on 2 CPU cores)
+    make bench ARGS="--quick"           # a short pass (~2-3 min)
+    make bench ARGS="--only training"   # one benchmark (repeatable: --only a --only b)
+
+Benchmarks report; they never assert speeds. A failing benchmark is reported in the summary and
+the others still run (exit status 1 at the end).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+import traceback
+from typing import Any
+
+from bench import common
+
+# name -> module; cheapest first
+BENCHMARKS = {
+    "training": "bench.training",
+    "sampling": "bench.sampling",
+    "pipeline_stages": "bench.pipeline_stages",
+    "scaling": "bench.scaling",
+    "dalle2": "bench.dalle2",
+    "clip_stage": "bench.clip_stage",
+    "text_tokens": "bench.text_tokens",
+}
+# minutes each even when short (three pipeline runs; a paper-size text tower): run with --only
+QUICK_SKIP = {"clip_stage", "text_tokens"}
+
+
+def summary_rows(name: str, result: dict[str, Any]) -> list[dict[str, Any]]:
+    """One line per measured item: benchmark, item, value, unit."""
+    out = []
+    for r in result.get("rows", []):
+        if name == "training":
+            out.append((f"{r['model']} step (batch {r['batch']})", r["samples_per_s"], "samples/s",
+                        f"{r['achieved_gflops']:.1f} GFLOP/s = {100 * r['fraction_of_peak']:.0f}% of peak"))
+        elif name == "sampling":
+            out.append((f"{r['stage']} {r['setting']} ({r['sampler']}, {r['steps']} steps)",
+                        r["latency_s"], "s", r["how"]))
+        elif name == "pipeline_stages":
+            note = f"peak RSS {r['peak_rss_mb']:.0f} MB" if "peak_rss_mb" in r else ""
+            out.append((f"{r['stage']}, {r['workers']} worker(s)", r["per_s"], r["unit"], note))
+        elif name == "scaling":
+            out.append((f"{r['model']} Ray Train, {r['workers']} worker(s)", r["samples_per_s"],
+                        "samples/s", f"x{r['speedup_vs_1']:.2f} vs 1 worker"))
+        elif name == "clip_stage":
+            out.append((f"CLIP stage, {r['clip stage']} ({r['samples']} samples, {r['epochs']} epochs)",
+                        r["seconds"], "s", f"x{r['speedup']:.2f}" if "speedup" in r else ""))
+        elif name == "dalle2":
+            out.append((f"{r['what']}: {r['ours']} vs {r['theirs']}", r["speedup"],
+                        "x (their s / our s)", f"ours {r['our_s']:.3g} s, theirs {r['their_s']:.3g} s"))
+    for res in result.get("results", []):  # text_tokens
+        for r in res["rows"]:
+            out.append((f"{res['config']} {r['option']}", r["ms_per_sample"], "ms/sample", ""))
+    return [{"benchmark": name, "item": i, "value": v, "unit": u, "note": n} for i, v, u, n in out]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="a short pass of every benchmark")
+    p.add_argument("--only", action="append", choices=sorted(BENCHMARKS),
+                   help="run only this benchmark (repeatable)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    a = p.parse_args(argv)
+    names = a.only or [n for n in BENCHMARKS if not (a.quick and n in QUICK_SKIP)]
+    rows, status = [], {}
+    t_all = time.perf_counter()
+    for name in names:
+        mod = importlib.import_module(BENCHMARKS[name])
+        print(f"\n=== {name} ===", flush=True)
+        t0 = time.perf_counter()
+        try:
+            if name == "text_tokens":
+                mod.main(["--threads", str(a.threads)] + (["--skip-paper"] if a.quick else []))
+                import json
+
+                result = json.loads(mod.RESULTS.read_text())
+            else:
+                result = mod.run(quick=a.quick, threads=a.threads)
+            status[name] = {"ok": True, "seconds": time.perf_counter() - t0}
+            rows += summary_rows(name, result)
+        except Exception as exc:  # noqa: BLE001 - report and carry on with the others
+            traceback.print_exc()
+            status[name] = {"ok": False, "seconds": time.perf_counter() - t0, "error": repr(exc)}
+            rows.append({"benchmark": name, "item": "FAILED", "value": None, "unit": "",
+                         "note": repr(exc)[:120]})
+    common.print_table(rows, ["benchmark", "item", "value", "unit", "note"],
+                       f"summary ({'quick' if a.quick else 'full'}; torch {a.threads} thread(s); "
+                       f"{time.perf_counter() - t_all:.0f} s)")
+    path = common.write_result("summary", {"quick": a.quick, "machine": common.machine(a.threads),
+                                           "benchmarks": status, "rows": rows})
+    print(f"wrote {path}")
+    return 0 if all(s["ok"] for s in status.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""Sampling latency per stage (prior, decoder, upsampler x4, upsampler x4 again) and for the whole
+cascade, per sampler and step count, at the tiny preset's sizes (random weights: latency does not
+depend on them), one caption at a time.
+
+A stage's latency is measured end to end (``DiffusionPrior.sample``, ``decode``,
+``Upsampler.upsample``) where a network call is cheap; the upsamplers cost ~1 s (128 px) to
+~10 s (512 px) per network call on this CPU, so for a stage whose call takes longer than
+``ESTIMATE_ABOVE_S`` one call is timed and the latency is ``steps`` x that call (the network is
+>99% of such a step; marked ``estimated``). The cascade is the sum of its stages' latencies
+for the sampler/step setting, beside the configured one (prior ddpm 64, decoder ddim 25 with
+guidance 3, upsamplers ddim 27).
+
+    .venv/bin/python -m bench.sampling [--quick] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, Callable
+
+import torch
+
+from bench import common
+from bench import models as M
+
+
+ESTIMATE_ABOVE_S = 0.25  # network calls slower than this: latency = steps x call (not looped)
+
+
+def grid(quick: bool) -> list[tuple[str, int]]:
+    return [("ddim", 10), ("dpm", 10)] if quick else [("ddim", 10), ("dpm", 10), ("ddim", 25),
+                                                     ("dpm", 25), ("ddim", 50)]
+
+
+def stage_fns(s: M.Sizes, g: torch.Generator) -> dict[str, tuple[Callable[[str, int], Any], Callable[[], Any]]]:
+    """name -> (sample(sampler, steps), one network call)."""
+    from unclip.models.decoder_sampling import TextCondition, decode
+
+    prior = M.make_prior(s).eval()
+    pb = M.prior_batch(s, 1, g)
+    k = int(s.prior_sampling.get("num_candidates", 2))
+    decoder = M.make_decoder(s).eval()
+    db = M.decoder_batch(s, 1, g)
+    text = TextCondition(db["tokens"], db["mask"])
+    gs = float(s.decoder_sampling["guidance_scale"])
+    ups = [M.make_upsampler(s).eval() for _ in s.up_sides]
+    lows = [torch.rand(1, 3, side // s.up_scale, side // s.up_scale, generator=g) * 2 - 1
+            for side in s.up_sides]
+    t = torch.tensor([500])
+
+    @torch.no_grad()
+    def prior_call():
+        x = torch.randn(k, s.clip_dim)
+        rep = lambda v: v.repeat_interleave(k, 0)  # noqa: E731
+        return prior(x, t.repeat(k), rep(pb["tokens"]), rep(pb["mask"]), rep(pb["z_t"]))
+
+    @torch.no_grad()
+    def decoder_call():
+        x = torch.randn(2, 3, decoder.cfg.resolution, decoder.cfg.resolution)
+        drop = torch.tensor([False, True])
+        return decoder(x, t.repeat(2), db["z_i"].repeat(2, 1), db["tokens"].repeat(2, 1, 1),
+                       db["mask"].repeat(2, 1), drop, drop)
+
+    def up_call(i: int):
+        @torch.no_grad()
+        def call():
+            side = s.up_sides[i]
+            return ups[i](torch.randn(1, 3, side, side), t, lows[i], torch.tensor([20]))
+        return call
+
+    fns = {
+        "prior": (lambda sa, st: prior.sample(pb["tokens"], pb["mask"], pb["z_t"], steps=st, sampler=sa,
+                                              num_candidates=k, generator=g), prior_call),
+        "decoder": (lambda sa, st: decode(decoder, db["z_i"], text, gs, sa, st, generator=g),
+                    decoder_call),
+    }
+    for i, side in enumerate(s.up_sides):
+        fns[f"upsampler {side // s.up_scale}->{side}"] = (
+            lambda sa, st, i=i: ups[i].upsample(lows[i], steps=st, sampler=sa, generator=g), up_call(i))
+    return fns
+
+
+def configured(s: M.Sizes) -> dict[str, tuple[str, int]]:
+    from unclip.models.upsampler import DEFAULTS
+
+    up = (str(DEFAULTS["sampler"]), int(DEFAULTS["steps"]))
+    out = {"prior": (s.prior_sampling["sampler"], int(s.prior_sampling["steps"])),
+           "decoder": (s.decoder_sampling["sampler"], int(s.decoder_sampling["steps"]))}
+    for side in s.up_sides:
+        out[f"upsampler {side // s.up_scale}->{side}"] = up
+    return out
+
+
+def run(quick: bool = False, threads: int = 1, out: str | None = None) -> dict[str, Any]:
+    common.set_threads(threads)
+    torch.manual_seed(0)
+    s = M.tiny_sizes()
+    g = torch.Generator().manual_seed(0)
+    fns = stage_fns(s, g)
+    conf = configured(s)
+    settings = [("configured", None)] + [(f"{sa} {st}", (sa, st)) for sa, st in grid(quick)]
+    rows = []
+    call_s: dict[str, float] = {}
+    for stage, (sample, call) in fns.items():
+        call_s[stage] = common.seconds(common.timed(call, 1 if quick else 3), threads)
+        for label, setting in settings:
+            sa, st = setting or conf[stage]
+            if call_s[stage] > ESTIMATE_ABOVE_S:
+                sec, how = st * call_s[stage], "estimated"
+            else:
+                sec = common.seconds(common.timed(lambda: sample(sa, st), 1 if quick else 2,
+                                                  warmup=0), threads)
+                how = "measured"
+            rows.append({"stage": stage, "setting": label, "sampler": sa, "steps": st,
+                         "latency_s": sec, "per_step_s": sec / st, "how": how})
+    for label, _ in settings:
+        part = [r for r in rows if r["setting"] == label]
+        rows.append({"stage": "cascade", "setting": label, "sampler": "/".join(r["sampler"] for r in part),
+                     "steps": sum(r["steps"] for r in part),
+                     "latency_s": sum(r["latency_s"] for r in part),
+                     "how": "sum of stages"})
+    common.print_table(rows, ["stage", "setting", "sampler", "steps", "latency_s", "per_step_s", "how"],
+                       f"sampling latency, one caption, tiny preset sizes (torch {threads} thread(s); "
+                       "CPU seconds)")
+    result = {"name": "sampling", "machine": common.machine(threads), "network_call_s": call_s,
+              "configured": conf, "rows": rows}
+    path = common.write_result("sampling", result, out)
+    print(f"wrote {path}")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    common.add_common_args(p)
+    a = p.parse_args(argv)
+    run(a.quick, a.threads, a.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""Training throughput with 1 and 2 Ray Train workers: a short run of the tiny diffusion prior
+through the very glue the prior stage uses (``stages.training.fit`` -> TorchTrainer ->
+``WorkerSession`` -> ``prepare_model`` (DDP) -> ``make_optimizer`` -> ``EMA`` -> ``loop.train``),
+on random batches of the stage's shapes made inside each worker (the data path is measured in
+bench.pipeline_stages). Batch size is per worker, as in the stage, so 2 workers process twice the
+samples per step. Throughput is timed inside the workers after warm-up steps (no start-up).
+
+The embed stage's 1 vs 2 actors are in bench.pipeline_stages.
+
+    .venv/bin/python -m bench.scaling [--quick] [--num-cpus 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from typing import Any
+
+from bench import common
+
+WARMUP_STEPS = 3
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """One Ray Train worker: the prior stage's worker recipe on random batches."""
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from bench import models as M
+    from stages import training
+    from unclip.training.loop import LoopConfig, make_optimizer, train
+    from unclip.training.state import EMA, unwrap
+
+    torch.set_num_threads(int(config["threads"]))
+    session = training.WorkerSession(config)
+    training.seed_everything(session.rank)
+    s = M.tiny_sizes()
+    model = ray.train.torch.prepare_model(M.make_prior(s))
+    cfg = LoopConfig(total_steps=int(config["steps"]), lr=1e-4, warmup_steps=1, log_every=10**6,
+                     checkpoint_every=10**6, ema_decay=0.999)
+    opt = make_optimizer(model, cfg)
+    ema = EMA(unwrap(model), cfg.ema_decay)
+    g = torch.Generator().manual_seed(session.rank)
+    stamps: list[float] = []
+
+    def batches(epoch: int):
+        for _ in range(cfg.total_steps):
+            stamps.append(time.perf_counter())
+            yield M.prior_batch(s, int(config["batch"]), g)
+
+    def step_loss(m, b):
+        return unwrap(m).losses(b["z_i"], b["tokens"], b["mask"], b["z_t"], g, net=m)
+
+    train(session, model, opt, ema, batches, step_loss, cfg)
+    stamps.append(time.perf_counter())
+    timed = stamps[WARMUP_STEPS:]
+    out = {"rank": session.rank, "world_size": session.world_size, "steps": len(timed) - 1,
+           "seconds": timed[-1] - timed[0]}
+    with open(os.path.join(config["out_dir"], f"rank{session.rank}.json"), "w") as f:
+        json.dump(out, f)
+
+
+def run_workers(num_workers: int, steps: int, batch: int, threads: int, tmp: str) -> dict[str, Any]:
+    from pipelines.config import load_config
+    from pipelines.context import StageContext
+    from stages import training
+
+    run_dir = os.path.join(tmp, f"w{num_workers}")
+    os.makedirs(run_dir)
+    cfg = load_config(["preset=tiny", f"run_dir={run_dir}"])
+    ctx = StageContext(cfg=cfg, name="prior", stage_dir=os.path.join(run_dir, "prior"), upstream={})
+    t0 = time.perf_counter()
+    training.fit(ctx, train_loop, {"steps": steps, "batch": batch, "threads": threads,
+                                   "out_dir": run_dir}, num_workers, max_failures=0)
+    total = time.perf_counter() - t0
+    ranks = [json.load(open(os.path.join(run_dir, f"rank{r}.json"))) for r in range(num_workers)]
+    sec = max(r["seconds"] for r in ranks)
+    n_steps = min(r["steps"] for r in ranks)
+    return {"model": "prior (tiny)", "workers": num_workers, "batch_per_worker": batch,
+            "steps_timed": n_steps, "seconds": sec, "steps_per_s": n_steps / sec,
+            "samples_per_s": n_steps * batch * num_workers / sec, "wall_with_startup_s": total}
+
+
+def run(quick: bool = False, threads: int = 1, out: str | None = None,
+        num_cpus: int = 2) -> dict[str, Any]:
+    from bench import models as M
+
+    batch = M.tiny_sizes().prior_batch
+    steps = WARMUP_STEPS + (5 if quick else 20)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="unclip-bench-") as tmp, common.local_ray(num_cpus):
+        for workers in (1, 2):
+            rows.append(run_workers(workers, steps, batch, threads, tmp))
+    base = rows[0]["samples_per_s"]
+    for r in rows:
+        r["speedup_vs_1"] = r["samples_per_s"] / base
+    common.print_table(rows, ["model", "workers", "batch_per_worker", "steps_timed", "steps_per_s",
+                              "samples_per_s", "speedup_vs_1", "wall_with_startup_s"],
+                       f"Ray Train data-parallel scaling (local Ray, {num_cpus} CPUs, torch {threads} "
+                       "thread(s) per worker; wall seconds)")
+    result = {"name": "scaling", "machine": common.machine(threads), "num_cpus": num_cpus,
+              "rows": rows}
+    path = common.write_result("scaling", result, out)
+    print(f"wrote {path}")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    common.add_common_args(p)
+    p.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray")
+    a = p.parse_args(argv)
+    run(a.quick, a.threads, a.out, a.num_cpus)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
