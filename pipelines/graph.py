@@ -46,6 +46,8 @@ STAGES: tuple[StageSpec, ...] = (
               "out-of-core PCA of the image embeddings + AR-prior bucket edges (Ray Data passes)"),
     StageSpec("prior", ("embed", "pca", "clip"), ("prior",), "stages.prior:run",
               "diffusion or autoregressive prior P(z_i | caption) (Ray Train), held-out cosine"),
+    StageSpec("decoder", ("filter", "embed", "clip"), ("decoder",), "stages.decoder:run",
+              "GLIDE-style diffusion decoder P(x | z_i, caption) (Ray Train), detector-scored decodes"),
 )
 
 

@@ -1,0 +1,285 @@
+"""Decoder stage: train the GLIDE-style diffusion decoder P(x | z_i, y) under Ray Train.
+
+Data: the filtered shards joined by key with the embed stage's image embeddings, decoded and resized
+once to the decoder's resolution by Ray Data and kept in the object store (``materialize``): every
+epoch after the first reads 3 KB arrays instead of decoding 512 px PNGs again (bench/decoder_feed.py
+measures both feeds). Caption token states come from the frozen CLIP text tower, per batch.
+
+Evaluation on rank 0 decodes the true embeddings of fixed held-out images (the same held-out keys as
+every stage) with the configured sampler and guidance, and scores them: the shapes detector against
+each image's ground-truth scene (beside a mismatched-scene baseline) and the CLIP cosine to the
+embedding decoded (beside mismatched pairs). A grid of true | decoded images goes to MLflow every
+``eval.grid_every`` steps and at the end. The EMA weights are saved and registered with an alias.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import time
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+
+from pipelines.config import to_container
+from pipelines.context import StageContext, StageResult
+from stages import training
+from unclip import storage
+from unclip.data.paired import PairedRows, iter_paired
+from unclip.data.shards import list_shards
+from unclip.diffusion import DiffusionConfig, GaussianDiffusion
+from unclip.eval.decoding import clip_cosines, detector_scores, scene_of
+from unclip.models.decoder import Decoder, DecoderConfig, dropout_masks
+from unclip.registry import register_checkpoint
+
+log = logging.getLogger("unclip")
+
+
+def model_config(ctx: StageContext, clip_dim: int, text_width: int) -> dict[str, Any]:
+    c = ctx.stage_cfg
+    return {**to_container(c.model), "resolution": int(c.resolution), "clip_dim": clip_dim,
+            "text_width": text_width, "use_caption": bool(c.use_caption),
+            "learn_variance": bool(c.diffusion.learn_variance)}
+
+
+def run(ctx: StageContext) -> StageResult:
+    from unclip.models.clip import load_clip
+    from unclip.registry import resolve_checkpoint
+
+    c = ctx.stage_cfg
+    size, frac = int(c.resolution), float(c.holdout_fraction)
+    shards = list_shards(ctx.input("filter", "shards"))
+    embeddings = ctx.input("embed", "embeddings")
+    clip_ref = ctx.input("clip", "model")
+    clip = load_clip(resolve_checkpoint(clip_ref), ctx.cfg.clip.arch)
+    mcfg = model_config(ctx, clip.dim, clip.text_width)
+    DecoderConfig.from_dict(mcfg).validate()  # a bad size fails here, before any data work
+
+    t0 = time.monotonic()
+    train_ds = (ray.data.from_items([{"shard": s} for s in shards], override_num_blocks=len(shards))
+                .flat_map(PairedRows(embeddings, size, "train", frac))
+                .materialize())
+    n_train = train_ds.count()
+    prep_s = time.monotonic() - t0
+    holdout = _holdout(shards, embeddings, size, frac, int(c.eval.num_images))
+    if n_train < int(c.train.batch_size) * int(c.train.num_workers):
+        raise ValueError(f"decoder: {n_train} training pairs, fewer than one batch per worker "
+                         f"({c.train.batch_size} x {c.train.num_workers})")
+    if len(holdout["captions"]) < 2:
+        raise ValueError(f"decoder: {len(holdout['captions'])} held-out pairs; raise "
+                         "clip.train.holdout_fraction")
+    log.info("decoder: %d training pairs at %d px prepared in %.1f s; %d held out", n_train, size,
+             prep_s, len(holdout["captions"]))
+    loop_config = {
+        "model": mcfg, "diffusion": to_container(c.diffusion), "train": to_container(c.train),
+        "sampling": to_container(c.sampling), "eval": to_container(c.eval),
+        "p_drop_clip": float(c.p_drop_clip), "p_drop_caption": float(c.p_drop_caption),
+        "hflip": bool(c.hflip), "clip": clip_ref, "clip_arch": ctx.cfg.clip.arch,
+        "holdout": holdout, "grids": ctx.path("grids"),
+    }
+    result = training.fit(ctx, train_loop, loop_config, int(c.train.num_workers),
+                          datasets={"train": train_ds})
+    model = Decoder(DecoderConfig.from_dict(mcfg), DiffusionConfig.from_dict(to_container(c.diffusion)))
+    from unclip.training.state import EMA
+
+    ema = EMA(model, float(c.train.ema_decay))
+    meta = training.load_result_state(result, model, ema)
+    final = {k: float(v) for k, v in (meta.get("metrics") or {}).items()
+             if isinstance(v, (int, float))}
+    folder = ctx.path("model")
+    ema.model.save(folder, extra={"trained_steps": meta.get("step"), "metrics": final,
+                                  "clip": clip.identity})
+    metric_name = str(c.register_metric)
+    if metric_name not in final or not np.isfinite(final[metric_name]):
+        metric_name = "val_clip_cosine"
+    version, alias = register_checkpoint(folder, str(c.register_name), final.get(metric_name))
+    grids = storage.list_files(ctx.path("grids"), ".png") if storage.exists(ctx.path("grids")) else []
+    metrics = {**final, "n_train": n_train, "n_holdout": len(holdout["captions"]),
+               "data_prep_s": round(prep_s, 2), "registered_version": int(version),
+               "registered_alias": alias, "register_metric": metric_name, "grids": len(grids)}
+    return StageResult(
+        outputs={"model": folder, "registered": f"models:/{c.register_name}/{version}",
+                 "grids": ctx.path("grids")},
+        metrics=metrics,
+        summary=_summary(final, version, alias, str(c.register_name)),
+    )
+
+
+def _summary(m: dict[str, float], version: str, alias: str, name: str) -> str:
+    nan = float("nan")
+    parts = [f"held-out decodes: CLIP cosine {m.get('val_clip_cosine', nan):.3f} "
+             f"(mismatched {m.get('val_clip_cosine_mismatched', nan):.3f})"]
+    if "val_color" in m:
+        parts.append("detector " + ", ".join(
+            f"{k} {m.get('val_' + k, nan):.2f} (chance {m.get('chance_' + k, nan):.2f})"
+            for k in ("color", "shape", "position", "binding")))
+    parts.append(f"registered {name} v{version} as {alias}")
+    return "; ".join(parts)
+
+
+def _holdout(shards: list[str], embeddings: str, size: int, frac: float, n: int) -> dict[str, Any]:
+    """The first ``n`` held-out pairs in shard order: the same fixed set in every run."""
+    rows: list[dict[str, Any]] = []
+    for s in shards:
+        for r in iter_paired(s, embeddings, size, "holdout", frac, with_meta=True):
+            rows.append(r)
+            if len(rows) >= n:
+                break
+        if len(rows) >= n:
+            break
+    return {"images": np.stack([r["image"] for r in rows]) if rows else np.zeros((0, size, size, 3), np.uint8),
+            "embeddings": np.stack([r["image_embedding"] for r in rows]) if rows else np.zeros((0, 1)),
+            "captions": [r["caption"] for r in rows], "metas": [r["meta"] for r in rows]}
+
+
+# ---- inside the training workers -----------------------------------------------------------------
+
+
+class Evaluator:
+    """Decodes the fixed held-out embeddings with the EMA model, scores them, writes grids."""
+
+    def __init__(self, config: dict[str, Any], clip, session: training.WorkerSession):
+        self.cfg, self.clip, self.session = config, clip, session
+        h = config["holdout"]
+        self.images, self.captions = h["images"], list(h["captions"])
+        self.embeddings = np.asarray(h["embeddings"], np.float32)
+        scenes = [scene_of(m) for m in h["metas"]]
+        self.scenes = scenes if all(s is not None for s in scenes) else None
+        self.seconds = 0.0
+
+    def decode(self, model: Decoder, n: int) -> np.ndarray:
+        from unclip.models.decoder_sampling import caption_condition, decode, to_uint8
+
+        s, e = self.cfg["sampling"], self.cfg["eval"]
+        text = caption_condition(self.clip, self.captions[:n]) if model.cfg.use_caption else None
+        gen = torch.Generator().manual_seed(int(e["seed"]))
+        x = decode(model, torch.from_numpy(self.embeddings[:n]), text, float(s["guidance_scale"]),
+                   str(s["sampler"]), int(s["steps"]), gen)
+        return to_uint8(x)
+
+    def scores(self, decoded: np.ndarray, prefix: str = "") -> dict[str, float]:
+        n = len(decoded)
+        out = clip_cosines(self.clip, decoded, self.embeddings[:n])
+        if self.scenes is not None and n >= 2:
+            out.update(detector_scores(decoded, self.scenes[:n], int(self.cfg["eval"]["detector_size"])))
+        return {prefix + k: v for k, v in out.items()}
+
+    def grid(self, decoded: np.ndarray, step: int) -> None:
+        """True images over their decodes, 8 per row pair; saved to the stage folder and MLflow."""
+        from unclip.models.decoder_sampling import image_grid
+
+        n = min(len(decoded), int(self.cfg["eval"]["grid_images"]))
+        cells = []
+        for i in range(0, n, 8):
+            cells += list(self.images[i:min(i + 8, n)]) + [np.full_like(self.images[0], 255)] * (8 - min(8, n - i))
+            cells += list(decoded[i:min(i + 8, n)]) + [np.full_like(decoded[0], 255)] * (8 - min(8, n - i))
+        side = decoded.shape[1]
+        img = image_grid(cells, 8, scale=max(1, 64 // side))
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        name = f"step_{step:06d}.png"
+        storage.write_bytes(storage.join(self.cfg["grids"], name), buf.getvalue())
+        self._log_artifact(name, buf.getvalue())
+
+    def _log_artifact(self, name: str, data: bytes) -> None:
+        ml = self.cfg.get("mlflow") or {}
+        if not ml.get("run_id"):
+            return
+        import tempfile
+
+        from mlflow import MlflowClient
+
+        try:
+            with tempfile.TemporaryDirectory() as d:
+                path = os.path.join(d, name)
+                with open(path, "wb") as f:
+                    f.write(data)
+                MlflowClient(tracking_uri=ml["tracking_uri"]).log_artifact(ml["run_id"], path, "grids")
+        except Exception as exc:  # a tracking hiccup must not kill training
+            training._say(f"[unclip] warning: could not log grid {name} to MLflow: "
+                          f"{str(exc).splitlines()[0][:200]}")
+
+    def __call__(self, model: Decoder, step: int, final: bool) -> dict[str, float]:
+        t0 = time.monotonic()
+        n_grid = min(int(self.cfg["eval"]["grid_images"]), len(self.captions))
+        decoded = self.decode(model, len(self.captions) if final else n_grid)
+        self.grid(decoded[:n_grid], step)
+        out = self.scores(decoded, "" if final else "grid_")
+        self.seconds += time.monotonic() - t0
+        return out
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """One Ray Train worker: the decoder's hybrid diffusion loss with guidance dropouts."""
+    import ray.train
+    import ray.train.torch
+
+    from unclip.models.clip import load_clip
+    from unclip.models.decoder_sampling import caption_condition, from_uint8
+    from unclip.registry import resolve_checkpoint
+    from unclip.training import loop
+    from unclip.training.state import EMA, unwrap
+
+    t = config["train"]
+    if t.get("torch_threads"):
+        torch.set_num_threads(int(t["torch_threads"]))
+    session = training.WorkerSession(config)
+    training.seed_everything(int(t["seed"]) + session.rank)
+    if (config.get("mlflow") or {}).get("tracking_uri"):
+        import mlflow
+
+        mlflow.set_tracking_uri(config["mlflow"]["tracking_uri"])
+    clip = load_clip(resolve_checkpoint(config["clip"]), config.get("clip_arch"))
+    clip.model.requires_grad_(False)
+    model = Decoder(DecoderConfig.from_dict(config["model"]),
+                    DiffusionConfig.from_dict(config["diffusion"]))
+    model = ray.train.torch.prepare_model(model)
+    device = next(model.parameters()).device
+    clip.model.to(device)
+    cfg = loop.LoopConfig.from_dict({**t, "eval_every": int(config["eval"]["grid_every"])})
+    opt = loop.make_optimizer(model, cfg)
+    ema = EMA(unwrap(model), cfg.ema_decay)
+    meta = session.restore(model, opt, ema)
+    start_step, start_epoch = int(meta.get("step", 0)), int(meta.get("epoch", -1)) + 1
+    gd = GaussianDiffusion(unwrap(model).diffusion)
+    use_caption = unwrap(model).cfg.use_caption
+    gen = torch.Generator().manual_seed(int(t["seed"]) * 1000 + session.rank + start_step)
+    shard = ray.train.get_dataset_shard("train")
+
+    def batches(epoch: int):
+        return shard.iter_batches(batch_size=int(t["batch_size"]), batch_format="numpy",
+                                  drop_last=True, local_shuffle_buffer_size=int(t["shuffle_buffer"]),
+                                  local_shuffle_seed=int(t["seed"]) + 7919 * epoch + session.rank)
+
+    def step_loss(m: torch.nn.Module, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        x0 = from_uint8(batch["image"]).to(device)
+        if config["hflip"]:
+            flip = torch.rand(x0.shape[0], generator=gen) < 0.5
+            x0 = torch.where(flip.view(-1, 1, 1, 1).to(device), x0.flip(-1), x0)
+        z = torch.from_numpy(np.asarray(batch["image_embedding"], np.float32)).to(device)
+        text = caption_condition(clip, [str(s) for s in batch["caption"]]) if use_caption else None
+        drop_clip, drop_caption = dropout_masks(x0.shape[0], config["p_drop_clip"],
+                                                config["p_drop_caption"], gen)
+        losses = gd.training_losses(
+            lambda x, tt: m(x, tt, z, None if text is None else text.states,
+                            None if text is None else text.mask, drop_clip, drop_caption),
+            x0, generator=gen)
+        return {k: v.mean() for k, v in losses.items()}
+
+    evaluator = Evaluator(config, clip, session) if session.is_main else None
+    t_start = time.monotonic()
+
+    def evaluate(ema_model: torch.nn.Module, step: int) -> dict[str, float]:
+        final = step >= cfg.total_steps
+        out = evaluator(ema_model, step, final)
+        if final:
+            train_s = time.monotonic() - t_start - evaluator.seconds
+            out.update({"resumed_from_step": float(start_step), "eval_seconds": evaluator.seconds,
+                        "train_steps_per_s": (step - start_step) / max(train_s, 1e-9)})
+        return out
+
+    loop.train(session, model, opt, ema, batches, step_loss, cfg, start_step, start_epoch,
+               evaluate=evaluate, fault=config.get("fault"))

@@ -1,0 +1,301 @@
+"""The decoder: conditioning paths and dropouts, samplers and guidance, determinism, checkpoints, a
+tiny run that learns, and the stage (outputs in the smoke run; resume after a killed worker)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from unclip.checkpoint import CheckpointError
+from unclip.diffusion import DiffusionConfig, GaussianDiffusion
+from unclip.models.decoder import Decoder, DecoderConfig, dropout_masks, load_decoder
+from unclip.models.decoder_sampling import (TextCondition, decode, from_uint8, image_grid, invert,
+                                            make_denoiser, to_pil, to_uint8)
+
+CLIP_DIM, TEXT_W = 16, 12
+
+
+def _cfg(**kw) -> DecoderConfig:
+    base = dict(resolution=8, clip_dim=CLIP_DIM, text_width=TEXT_W, base_channels=16,
+                channel_mult=(1, 2), attention_resolutions=(4,), head_channels=16, context_dim=32,
+                norm_groups=8)
+    return DecoderConfig(**{**base, **kw})
+
+
+def _model(seed: int = 0, steps: int = 100, **kw) -> Decoder:
+    torch.manual_seed(seed)
+    cfg = _cfg(**kw)
+    return Decoder(cfg, DiffusionConfig(num_train_timesteps=steps, learn_variance=cfg.learn_variance))
+
+
+def _inputs(b: int = 3, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.nn.functional.normalize(torch.randn(b, CLIP_DIM, generator=g), dim=-1)
+    states = torch.randn(b, 5, TEXT_W, generator=g)
+    mask = torch.arange(5)[None, :] < torch.tensor([2, 5, 1][:b] + [3] * max(0, b - 3))[:, None]
+    x = torch.randn(b, 3, 8, 8, generator=g)
+    t = torch.randint(0, 100, (b,), generator=g)
+    return x, t, z, TextCondition(states, mask)
+
+
+# ---- the model ------------------------------------------------------------------------------------
+
+
+def test_output_channels_follow_the_variance_setting():
+    x, t, z, text = _inputs()
+    assert _model(learn_variance=True)(x, t, z, text.states, text.mask).shape == (3, 6, 8, 8)
+    assert _model(learn_variance=False)(x, t, z, text.states, text.mask).shape == (3, 3, 8, 8)
+    with pytest.raises(ValueError, match="learn_variance"):
+        Decoder(_cfg(learn_variance=True), DiffusionConfig(learn_variance=False))
+    # a 32 px decoder with a 2x2 space-to-depth front still maps 32 px to 32 px
+    big = _model(resolution=32, channel_mult=(1, 2), attention_resolutions=(8,), patch_size=2)
+    assert big(torch.randn(2, 3, 32, 32), t[:2], z[:2], text.states[:2], text.mask[:2]).shape == (2, 6, 32, 32)
+
+
+@torch.no_grad()
+def test_conditioning_paths_and_null_embeddings():
+    m = _model().eval()
+    x, t, z, text = _inputs()
+    base = m(x, t, z, text.states, text.mask)
+    other_z = torch.roll(z, 1, 0)
+    other_text = torch.randn_like(text.states)
+    assert not torch.allclose(base, m(x, t, other_z, text.states, text.mask), atol=1e-5)
+    assert not torch.allclose(base, m(x, t, z, other_text, text.mask), atol=1e-5)
+    # masked-out token positions carry nothing
+    padded = text.states.clone()
+    padded[~text.mask] = 100.0
+    torch.testing.assert_close(m(x, t, z, padded, text.mask), base, atol=1e-4, rtol=1e-4)
+    # a dropped CLIP embedding / caption is replaced by its null embedding: the input no longer matters
+    yes = torch.ones(3, dtype=torch.bool)
+    torch.testing.assert_close(m(x, t, z, text.states, text.mask, drop_clip=yes),
+                               m(x, t, other_z, text.states, text.mask, drop_clip=yes))
+    torch.testing.assert_close(m(x, t, z, text.states, text.mask, drop_caption=yes),
+                               m(x, t, z, other_text, text.mask, drop_caption=yes))
+    # no caption at all reads as a dropped caption
+    torch.testing.assert_close(m(x, t, z, None, None), m(x, t, z, other_text, text.mask, drop_caption=yes))
+    # per-sample drops: only the dropped sample changes
+    some = torch.tensor([False, True, False])
+    mixed = m(x, t, z, text.states, text.mask, drop_clip=some)
+    torch.testing.assert_close(mixed[[0, 2]], base[[0, 2]])
+    assert not torch.allclose(mixed[1], base[1], atol=1e-5)
+    # caption conditioning off: no text projection at all, and text inputs are ignored
+    off = _model(use_caption=False).eval()
+    assert not hasattr(off, "text_proj")
+    torch.testing.assert_close(off(x, t, z, text.states, text.mask), off(x, t, z, other_text, text.mask))
+    assert not torch.allclose(off(x, t, z), off(x, t, other_z), atol=1e-5)
+
+
+def test_dropout_rates_and_every_parameter_trains():
+    drop_clip, drop_caption = dropout_masks(20000, 0.1, 0.5, torch.Generator().manual_seed(0))
+    assert abs(drop_clip.float().mean() - 0.1) < 0.01 and abs(drop_caption.float().mean() - 0.5) < 0.02
+    # independent: both dropped ~5% of the time
+    assert abs((drop_clip & drop_caption).float().mean() - 0.05) < 0.01
+    with pytest.raises(ValueError, match="p_drop_clip"):
+        dropout_masks(4, 1.5, 0.5)
+    # every parameter gets a gradient even in a batch where nothing is dropped: DDP needs no
+    # find_unused_parameters (a source of multi-GPU hangs in other implementations)
+    m = _model()
+    x, t, z, text = _inputs()
+    none = torch.zeros(3, dtype=torch.bool)
+    m(x, t, z, text.states, text.mask, none, none).square().mean().backward()
+    missing = [n for n, p in m.named_parameters() if p.grad is None]
+    assert not missing, missing
+
+
+def test_bad_inputs_name_the_problem():
+    m = _model()
+    x, t, z, text = _inputs()
+    with pytest.raises(ValueError, match="image_embed"):
+        m(x, t, z[:, :5], text.states, text.mask)
+    with pytest.raises(ValueError, match="text_states"):
+        m(x, t, z, text.states[:, :, :4], text.mask)
+    with pytest.raises(ValueError, match="x_t"):
+        m(torch.randn(3, 3, 16, 16), t, z)
+    with pytest.raises(ValueError, match="power of two"):
+        _model(resolution=12)
+    with pytest.raises(ValueError, match="unknown decoder model option"):
+        DecoderConfig.from_dict({"resolution": 8, "widht": 3})
+    with pytest.raises(ValueError, match="sampler"):
+        decode(m, z, text, 1.0, "euler", 4)
+
+
+# ---- sampling --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm"])
+def test_samplers_and_guidance_give_images(sampler):
+    m = _model()
+    _, _, z, text = _inputs()
+    calls = []
+    m.register_forward_hook(lambda mod, args, out: calls.append(args[0].shape[0]))
+    for scale in (1.0, 3.0):
+        calls.clear()
+        out = decode(m, z, text, scale, sampler, 4, torch.Generator().manual_seed(0))
+        assert out.shape == (3, 3, 8, 8) and out.min() >= -1 and out.max() <= 1
+        assert torch.isfinite(out).all()
+        # guidance: conditional and unconditional halves in one batched forward per step
+        assert calls == [3 if scale == 1.0 else 6] * 4
+    assert all(im.size == (8, 8) for im in to_pil(out))
+
+
+@torch.no_grad()
+def test_guidance_extrapolates_from_the_unconditional_output():
+    m = _model().eval()
+    x, t, z, text = _inputs()
+    yes = torch.ones(3, dtype=torch.bool)
+    cond = m(x, t, z, text.states, text.mask)
+    uncond = m(x, t, z, text.states, text.mask, yes, yes)
+    guided = make_denoiser(m, z, text, 4.0)(x, t)
+    torch.testing.assert_close(guided[:, :3], uncond[:, :3] + 4.0 * (cond[:, :3] - uncond[:, :3]),
+                               atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(guided[:, 3:], cond[:, 3:], atol=1e-5, rtol=1e-4)  # variance: cond
+
+
+def test_decoding_is_deterministic_for_a_seed():
+    m = _model()
+    _, _, z, text = _inputs()
+    for sampler in ("ddpm", "dpm"):
+        a = decode(m, z, text, 2.0, sampler, 5, torch.Generator().manual_seed(7))
+        b = decode(m, z, text, 2.0, sampler, 5, torch.Generator().manual_seed(7))
+        c = decode(m, z, text, 2.0, sampler, 5, torch.Generator().manual_seed(8))
+        assert torch.equal(a, b) and not torch.allclose(a, c)
+    # a fixed x_T with eta 0 DDIM does not depend on the generator at all
+    x_T = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    a = decode(m, z, text, 2.0, "ddim", 5, torch.Generator().manual_seed(1), x_T=x_T)
+    b = decode(m, z, text, 2.0, "ddim", 5, torch.Generator().manual_seed(2), x_T=x_T)
+    assert torch.equal(a, b)
+    assert invert(m, a, z, text, 5).shape == a.shape
+
+
+def test_checkpoint_round_trip(tmp_path):
+    m = _model(learn_variance=False).eval()
+    x, t, z, text = _inputs()
+    m.save(str(tmp_path / "dec"), extra={"note": "test"})
+    back = Decoder.from_checkpoint(str(tmp_path / "dec"))
+    assert back.cfg == m.cfg and back.diffusion == m.diffusion
+    with torch.no_grad():
+        torch.testing.assert_close(back(x, t, z, text.states, text.mask), m(x, t, z, text.states, text.mask))
+    from unclip import checkpoint
+
+    checkpoint.save(str(tmp_path / "other"), m.state_dict(), "prior", {})
+    with pytest.raises(CheckpointError, match="expected a 'decoder'"):
+        load_decoder(str(tmp_path / "other"))
+    # weights that do not fit the configured model are refused, not half-loaded
+    state = {k: v for k, v in m.state_dict().items() if not k.startswith("clip_tokens")}
+    checkpoint.save(str(tmp_path / "bad"), state, "decoder",
+                    {"model": m.cfg.to_dict(), "diffusion": m.diffusion.to_dict()})
+    with pytest.raises(CheckpointError, match="do not fit"):
+        load_decoder(str(tmp_path / "bad"))
+
+
+def test_uint8_conversions_and_grid():
+    imgs = np.random.default_rng(0).integers(0, 256, (5, 8, 8, 3), dtype=np.uint8)
+    assert np.array_equal(to_uint8(from_uint8(imgs)), imgs)
+    grid = image_grid(list(imgs), cols=4, scale=2)
+    assert grid.size == (4 * 8 * 2, 2 * 8 * 2)
+
+
+# ---- a tiny run that learns ------------------------------------------------------------------------
+
+
+def test_tiny_training_run_learns():
+    """8 rendered shape scenes at 16 px, embedded by a (fixed, random) CLIP: a few hundred steps
+    make the loss fall and the decodes of their embeddings move toward the true images in pixels and
+    in CLIP space."""
+    from unclip.data.shapes import render, sample_scene
+    from unclip.models.clip import ClipEncoder, create_custom
+
+    torch.manual_seed(0)
+    clip_cfg = {"embed_dim": CLIP_DIM, "vision_cfg": {"image_size": 16, "patch_size": 4, "width": 32,
+                                                      "layers": 1, "head_width": 16},
+                "text_cfg": {"context_length": 16, "width": TEXT_W * 2, "heads": 2, "layers": 1}}
+    clip = ClipEncoder(create_custom(clip_cfg), {"arch": "custom"}, clip_cfg)
+    rng = np.random.default_rng(0)
+    scenes = [sample_scene(rng, two_object_prob=0.0) for _ in range(8)]
+    imgs = np.stack([np.asarray(render(s, 16)) for s in scenes])
+    x0 = from_uint8(imgs)
+    z = torch.from_numpy(clip.encode_images([render(s, 16) for s in scenes]))
+
+    def cosine(decoded: torch.Tensor) -> float:
+        e = clip.encode_images(to_pil(decoded))
+        return float((e * z.numpy()).sum(1).mean())
+
+    m = _model(resolution=16, channel_mult=(1, 2), attention_resolutions=(8,), use_caption=False,
+               steps=1000)
+    gd = GaussianDiffusion(m.diffusion)
+    x_T = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+    before = decode(m, z, None, 1.0, "ddim", 10, x_T=x_T)
+    opt = torch.optim.AdamW(m.parameters(), lr=2e-3)
+    gen = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(300):
+        drop_clip, _ = dropout_masks(8, 0.1, 0.0, gen)
+        out = gd.training_losses(lambda x, t: m(x, t, z, drop_clip=drop_clip), x0, generator=gen)
+        loss = out["loss"].mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(out["mse"].mean()))
+    after = decode(m, z, None, 1.0, "ddim", 10, x_T=x_T)
+    assert np.mean(losses[-30:]) < 0.5 * np.mean(losses[:30])
+    err_before, err_after = float((before - x0).square().mean()), float((after - x0).square().mean())
+    assert err_after < 0.5 * err_before, (err_before, err_after)
+    assert cosine(after) > cosine(before) + 0.05, (cosine(before), cosine(after))
+
+
+# ---- the stage ---------------------------------------------------------------------------------------
+
+
+def test_decoder_stage_outputs(smoke_run):
+    from mlflow import MlflowClient
+
+    from pipelines import tracking
+    from pipelines.config import load_config
+    from pipelines.manifest import read_manifest
+    from unclip.registry import resolve_checkpoint
+
+    m = read_manifest(str(smoke_run), "decoder")
+    assert m is not None
+    for k in ("val_clip_cosine", "val_clip_cosine_mismatched", "val_color", "chance_color",
+              "val_shape", "val_binding", "train_loss", "train_mse", "train_steps_per_s",
+              "registered_version", "registered_alias", "n_train", "n_holdout"):
+        assert k in m.metrics, k
+    assert np.isfinite(m.metrics["val_clip_cosine"]) and m.metrics["step"] == 30
+    assert m.metrics["registered_alias"] in ("champion", "candidate")
+    cfg = load_config(["preset=smoke", f"run_dir={smoke_run}"])
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking.tracking_uri(cfg))
+    try:
+        folder = resolve_checkpoint(f"models:/unclip-decoder/{int(m.metrics['registered_version'])}")
+    finally:
+        mlflow.set_tracking_uri(None)
+    model = load_decoder(folder)
+    assert model.cfg.resolution == 8 and model.cfg.learn_variance
+    out = decode(model, torch.randn(2, model.cfg.clip_dim), None, 2.0, "ddim", 3)
+    assert out.shape == (2, 3, 8, 8)
+    # grids at steps 15 and 30, logged to MLflow
+    arts = MlflowClient(tracking.tracking_uri(cfg)).list_artifacts(m.mlflow_run_id, "grids")
+    names = sorted(a.path.split("/")[-1] for a in arts)
+    assert names == ["step_000015.png", "step_000030.png"], names
+
+
+def test_decoder_resumes_after_a_killed_worker(smoke_run, tmp_path, monkeypatch):
+    """A worker dies at step 20 (checkpoints every 15): Ray Train restarts it, it resumes from step
+    15 and ends at the configured 30 steps."""
+    import shutil
+
+    from pipelines.cli import main
+    from pipelines.manifest import read_manifest
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(smoke_run, run_dir, ignore=shutil.ignore_patterns("decoder", "decoder-*"))
+    marker = tmp_path / "killed"
+    monkeypatch.setenv("UNCLIP_FAULT_KILL_AT_STEP", "20")
+    monkeypatch.setenv("UNCLIP_FAULT_MARKER", str(marker))
+    assert main(["stage", "decoder", "preset=smoke", f"run_dir={run_dir}"]) == 0
+    assert marker.read_text() == "20"
+    m = read_manifest(str(run_dir), "decoder")
+    assert m.metrics["resumed_from_step"] == 15
+    assert m.metrics["step"] == 30

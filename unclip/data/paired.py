@@ -1,0 +1,81 @@
+"""Training pairs for the decoder: shard samples joined by key with their CLIP image embeddings.
+
+The embed stage writes one Parquet file per shard under the shard's name, so a shard is joined with
+its own file alone (nothing global is held in memory, however large the data set). Embedding folders
+laid out otherwise (an imported clip-retrieval folder) are joined through a key index of all files.
+Images are decoded and resized once, here, to the resolution the model trains at.
+"""
+
+from __future__ import annotations
+
+import io
+from functools import lru_cache
+from typing import Any, Iterator
+
+import numpy as np
+from PIL import Image
+
+from unclip import storage
+from unclip.data.loading import is_holdout
+from unclip.data.shards import RawSample, iter_shard
+from unclip.embeddings import io as eio
+
+
+@lru_cache(maxsize=4)
+def _all_embeddings(folder: str) -> dict[str, np.ndarray]:
+    table = eio.read_all(folder, ["key", "image_embedding"])
+    return dict(zip(table.column("key").to_pylist(), eio.matrix(table, "image_embedding")))
+
+
+def shard_embeddings(shard: str, folder: str) -> dict[str, np.ndarray]:
+    """key -> image embedding for the samples of ``shard`` (its own Parquet file when there is one)."""
+    own = storage.join(folder, eio.part_name(storage.basename(shard)))
+    if storage.exists(own):
+        table = eio.read_file(own, ["key", "image_embedding"])
+        return dict(zip(table.column("key").to_pylist(), eio.matrix(table, "image_embedding")))
+    return _all_embeddings(folder)
+
+
+def iter_paired(shard: str, embeddings: str, image_size: int, split: str = "all",
+                holdout_fraction: float = 0.0, with_meta: bool = False) -> Iterator[dict[str, Any]]:
+    """Rows {key, caption, image (S, S, 3) uint8, image_embedding (D,) float32[, meta]}.
+
+    Samples without an embedding (dropped by the embed stage's filters) or that do not decode are
+    skipped. ``split`` is "train", "holdout" or "all", by the same key hash as every stage.
+    ``meta`` is the sample's JSON (the synthetic data's scene) as a string, "" when absent.
+    """
+    if split not in ("train", "holdout", "all"):
+        raise ValueError(f"split must be train, holdout or all, got {split!r}")
+    index = shard_embeddings(shard, embeddings)
+    for item in iter_shard(shard):
+        if not isinstance(item, RawSample) or item.image_bytes is None or item.key not in index:
+            continue
+        if split != "all" and is_holdout(item.key, holdout_fraction) != (split == "holdout"):
+            continue
+        try:
+            img = Image.open(io.BytesIO(item.image_bytes)).convert("RGB")
+            caption = item.caption() or ""
+        except (OSError, ValueError, UnicodeDecodeError):
+            continue
+        if img.size != (image_size, image_size):
+            img = img.resize((image_size, image_size), Image.BICUBIC)
+        row = {"key": item.key, "caption": caption, "image": np.asarray(img, dtype=np.uint8),
+               "image_embedding": np.asarray(index[item.key], dtype=np.float32)}
+        if with_meta:
+            raw = item.files.get("json")
+            row["meta"] = raw.decode("utf-8", "replace") if raw else ""
+        yield row
+
+
+class PairedRows:
+    """Ray Data ``flat_map``: one shard -> its decoded, resized rows joined with their embeddings.
+
+    Lives here, not in the stage module, so Ray workers unpickle it without importing torch."""
+
+    def __init__(self, embeddings: str, size: int, split: str, fraction: float):
+        self.args = (embeddings, size, split, fraction)
+
+    def __call__(self, row: dict[str, Any]) -> list[dict[str, Any]]:
+        emb, size, split, frac = self.args
+        return [{k: r[k] for k in ("caption", "image", "image_embedding")}
+                for r in iter_paired(row["shard"], emb, size, split, frac)]
