@@ -44,7 +44,7 @@ def _manifest(run_dir: str, stage: str) -> dict[str, Any]:
 def run(quick: bool = False, threads: int = 1, out: str | None = None, samples: int | None = None,
         epochs: int | None = None, num_cpus: int = 2) -> dict[str, Any]:
     samples = samples or (300 if quick else 1000)
-    epochs = epochs or (2 if quick else 4)
+    epochs = epochs or (2 if quick else 8)   # full: the tiny preset's 8 epochs
     rows = []
     with tempfile.TemporaryDirectory(prefix="unclip-bench-clip-") as tmp:
         common_args = ["preset=tiny", f"run_dir={tmp}", f"data.num_samples={samples}",

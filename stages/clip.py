@@ -28,6 +28,9 @@ from unclip.registry import register_checkpoint, resolve_checkpoint
 log = logging.getLogger("unclip")
 MEAN = torch.tensor((0.48145466, 0.4578275, 0.40821073)).view(1, 3, 1, 1)
 STD = torch.tensor((0.26862954, 0.26130258, 0.27577711)).view(1, 3, 1, 1)
+# Not a key of configs/clip/default.yaml so that adding it left every existing CLIP stage result
+# valid (a new key changes the stage's config hash); override with +clip.train.cache_decoded_max_mb.
+CACHE_DECODED_MAX_MB = 1024
 
 
 def to_model_input(images: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -57,6 +60,10 @@ def _train(ctx: StageContext) -> StageResult:
     holdout = holdout[: int(c.train.max_holdout)]
     if len(holdout) < 10:
         raise ValueError(f"clip: only {len(holdout)} held-out samples; raise clip.train.holdout_fraction")
+    if _cache_decoded(ctx, size):
+        # decode + resize once; every epoch (and the count) then reads the small images from Ray's
+        # object store instead of decoding full-size images again (bench/README.md: CLIP stage)
+        train_ds = train_ds.materialize()
     n_train = train_ds.count()
     loop_config = {
         "model": model_cfg, "train": to_container(c.train), "n_train": n_train,
@@ -84,6 +91,16 @@ def _train(ctx: StageContext) -> StageResult:
                  f"(chance {final.get('val_chance_at_5', float('nan')):.3f}); "
                  f"registered {c.register_name} v{version} as {alias}"),
     )
+
+
+def _cache_decoded(ctx: StageContext, size: int) -> bool:
+    """Keep the decoded, resized training images in memory when they fit
+    ``clip.train.cache_decoded_max_mb`` (sized by the filter stage's kept count; 0 turns it off)."""
+    limit_mb = float(ctx.stage_cfg.train.get("cache_decoded_max_mb", CACHE_DECODED_MAX_MB))
+    kept = ctx.upstream["filter"].metrics.get("kept") if "filter" in ctx.upstream else None
+    if limit_mb <= 0 or kept is None:
+        return False
+    return int(kept) * size * size * 3 / 2**20 <= limit_mb
 
 
 def evaluate(model: torch.nn.Module, holdout: dict[str, Any], batch_size: int = 256) -> dict[str, float]:
