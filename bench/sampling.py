@@ -33,32 +33,32 @@ def grid(quick: bool) -> list[tuple[str, int]]:
                                                      ("dpm", 25), ("ddim", 50)]
 
 
-def stage_fns(s: M.Sizes, g: torch.Generator) -> dict[str, tuple[Callable[[str, int], Any], Callable[[], Any]]]:
+def stage_fns(s: M.Sizes, g: torch.Generator, device: str = "cpu") -> dict[str, tuple[Callable[[str, int], Any], Callable[[], Any]]]:
     """name -> (sample(sampler, steps), one network call)."""
     from unclip.models.decoder_sampling import TextCondition, decode
 
-    prior = M.make_prior(s).eval()
-    pb = M.prior_batch(s, 1, g)
+    prior = M.make_prior(s).eval().to(device)
+    pb = {k: v.to(device) for k, v in M.prior_batch(s, 1, g).items()}
     k = int(s.prior_sampling.get("num_candidates", 2))
-    decoder = M.make_decoder(s).eval()
-    db = M.decoder_batch(s, 1, g)
+    decoder = M.make_decoder(s).eval().to(device)
+    db = {k: v.to(device) for k, v in M.decoder_batch(s, 1, g).items()}
     text = TextCondition(db["tokens"], db["mask"])
     gs = float(s.decoder_sampling["guidance_scale"])
-    ups = [M.make_upsampler(s).eval() for _ in s.up_sides]
-    lows = [torch.rand(1, 3, side // s.up_scale, side // s.up_scale, generator=g) * 2 - 1
+    ups = [M.make_upsampler(s).eval().to(device) for _ in s.up_sides]
+    lows = [(torch.rand(1, 3, side // s.up_scale, side // s.up_scale, generator=g) * 2 - 1).to(device)
             for side in s.up_sides]
-    t = torch.tensor([500])
+    t = torch.tensor([500], device=device)
 
     @torch.no_grad()
     def prior_call():
-        x = torch.randn(k, s.clip_dim)
+        x = torch.randn(k, s.clip_dim, device=device)
         rep = lambda v: v.repeat_interleave(k, 0)  # noqa: E731
         return prior(x, t.repeat(k), rep(pb["tokens"]), rep(pb["mask"]), rep(pb["z_t"]))
 
     @torch.no_grad()
     def decoder_call():
-        x = torch.randn(2, 3, decoder.cfg.resolution, decoder.cfg.resolution)
-        drop = torch.tensor([False, True])
+        x = torch.randn(2, 3, decoder.cfg.resolution, decoder.cfg.resolution, device=device)
+        drop = torch.tensor([False, True], device=device)
         return decoder(x, t.repeat(2), db["z_i"].repeat(2, 1), db["tokens"].repeat(2, 1, 1),
                        db["mask"].repeat(2, 1), drop, drop)
 
@@ -66,7 +66,8 @@ def stage_fns(s: M.Sizes, g: torch.Generator) -> dict[str, tuple[Callable[[str, 
         @torch.no_grad()
         def call():
             side = s.up_sides[i]
-            return ups[i](torch.randn(1, 3, side, side), t, lows[i], torch.tensor([20]))
+            return ups[i](torch.randn(1, 3, side, side, device=device), t, lows[i],
+                          torch.tensor([20], device=device))
         return call
 
     fns = {
@@ -92,25 +93,27 @@ def configured(s: M.Sizes) -> dict[str, tuple[str, int]]:
     return out
 
 
-def run(quick: bool = False, threads: int = 1, out: str | None = None) -> dict[str, Any]:
+def run(quick: bool = False, threads: int = 1, out: str | None = None,
+        device: str | None = None) -> dict[str, Any]:
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     common.set_threads(threads)
     torch.manual_seed(0)
     s = M.tiny_sizes()
     g = torch.Generator().manual_seed(0)
-    fns = stage_fns(s, g)
+    fns = stage_fns(s, g, device)
     conf = configured(s)
     settings = [("configured", None)] + [(f"{sa} {st}", (sa, st)) for sa, st in grid(quick)]
     rows = []
     call_s: dict[str, float] = {}
     for stage, (sample, call) in fns.items():
-        call_s[stage] = common.seconds(common.timed(call, 1 if quick else 3), threads)
+        call_s[stage] = common.seconds(common.timed(call, 1 if quick else 3), threads, device)
         for label, setting in settings:
             sa, st = setting or conf[stage]
             if call_s[stage] > ESTIMATE_ABOVE_S:
                 sec, how = st * call_s[stage], "estimated"
             else:
                 sec = common.seconds(common.timed(lambda: sample(sa, st), 1 if quick else 2,
-                                                  warmup=0), threads)
+                                                  warmup=0), threads, device)
                 how = "measured"
             rows.append({"stage": stage, "setting": label, "sampler": sa, "steps": st,
                          "latency_s": sec, "per_step_s": sec / st, "how": how})
@@ -121,9 +124,10 @@ def run(quick: bool = False, threads: int = 1, out: str | None = None) -> dict[s
                      "latency_s": sum(r["latency_s"] for r in part),
                      "how": "sum of stages"})
     common.print_table(rows, ["stage", "setting", "sampler", "steps", "latency_s", "per_step_s", "how"],
-                       f"sampling latency, one caption, tiny preset sizes (torch {threads} thread(s); "
-                       "CPU seconds)")
-    result = {"name": "sampling", "machine": common.machine(threads), "network_call_s": call_s,
+                       f"sampling latency, one caption, tiny preset sizes ({device}, torch {threads} "
+                       f"thread(s); {'CPU' if device == 'cpu' else 'wall'} seconds)")
+    result = {"name": "sampling", "machine": common.machine(threads), "device": device,
+              "network_call_s": call_s,
               "configured": conf, "rows": rows}
     path = common.write_result("sampling", result, out)
     print(f"wrote {path}")
@@ -133,8 +137,9 @@ def run(quick: bool = False, threads: int = 1, out: str | None = None) -> dict[s
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     common.add_common_args(p)
+    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when there is one)")
     a = p.parse_args(argv)
-    run(a.quick, a.threads, a.out)
+    run(a.quick, a.threads, a.out, a.device)
     return 0
 
 

@@ -52,7 +52,8 @@ def measure(name: str, make: Callable, loss: Callable, batch: Callable, repeats:
 
 
 def run(quick: bool = False, threads: int = 1, out: str | None = None,
-        device: str = "cpu") -> dict[str, Any]:
+        device: str | None = None) -> dict[str, Any]:
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     common.set_threads(threads)
     torch.manual_seed(0)
     s = M.tiny_sizes()

@@ -28,8 +28,8 @@ def make_scheduler(cfg: DiffusionConfig, sampler: str, steps: int):
     elif sampler == "ddim":
         sched = DDIMScheduler(**common, clip_sample=cfg.clip_sample, set_alpha_to_one=True)
     elif sampler == "dpm":
-        sched = DPMSolverMultistepScheduler(**common, algorithm_type="dpmsolver++", solver_order=2,
-                                            variance_type="learned_range" if cfg.learn_variance else None)
+        # a learned variance is sliced off in ``sample`` (diffusers slices it only for epsilon)
+        sched = DPMSolverMultistepScheduler(**common, algorithm_type="dpmsolver++", solver_order=2)
     else:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
     if not 1 <= steps <= cfg.num_train_timesteps:
@@ -65,7 +65,7 @@ def sample(denoise: Denoiser, shape: tuple[int, ...], cfg: DiffusionConfig, samp
     for i, t in enumerate(sched.timesteps):
         tb = torch.full((x.shape[0],), int(t), device=device, dtype=torch.long)
         out = denoise(sched.scale_model_input(x, t), tb)
-        if cfg.learn_variance and sampler == "ddim":
+        if cfg.learn_variance and sampler in ("ddim", "dpm"):  # they use the mean part only
             out = out[:, :channels]
         kwargs = {"eta": eta, "generator": generator} if sampler == "ddim" else {"generator": generator}
         x = sched.step(out.to(x.dtype), t, x, **kwargs).prev_sample

@@ -1,0 +1,63 @@
+"""Markdown tables of the JSON files in bench/results (what bench/README.md quotes), so the README
+is pasted from measurements, never typed.
+
+    .venv/bin/python -m bench.report [training sampling pipeline_stages scaling dalle2 clip_stage]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from bench.common import RESULTS_DIR, RESULTS_ENV, fmt
+
+
+def table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]]) -> str:
+    head = "| " + " | ".join(title for _, title in columns) + " |"
+    sep = "| " + " | ".join("---" for _ in columns) + " |"
+    body = ["| " + " | ".join(fmt(r.get(key)) for key, _ in columns) + " |" for r in rows]
+    return "\n".join([head, sep, *body])
+
+
+COLUMNS = {
+    "training": [("model", "model"), ("batch", "batch"), ("params", "params"),
+                 ("step_s", "CPU s / step"), ("samples_per_s", "samples/s"),
+                 ("gflop_per_step", "GFLOP / step"), ("achieved_gflops", "GFLOP/s"),
+                 ("fraction_of_peak", "of matmul peak")],
+    "sampling": [("stage", "stage"), ("setting", "setting"), ("sampler", "sampler"),
+                 ("steps", "steps"), ("latency_s", "CPU s"), ("how", "how")],
+    "pipeline_stages": [("stage", "stage"), ("workers", "workers"), ("items", "items"),
+                        ("seconds", "wall s"), ("per_s", "per s"), ("unit", "unit"),
+                        ("peak_rss_mb", "peak RSS MB"), ("rss_growth_mb", "RSS growth MB"),
+                        ("input_mb", "input MB")],
+    "scaling": [("model", "model"), ("workers", "workers"), ("batch_per_worker", "batch / worker"),
+                ("steps_per_s", "steps/s"), ("samples_per_s", "samples/s"),
+                ("speedup_vs_1", "vs 1 worker"), ("wall_with_startup_s", "wall s incl. start-up")],
+    "dalle2": [("what", "what"), ("batch", "batch"), ("ours", "ours"), ("theirs", "theirs"),
+               ("our_s", "our CPU s"), ("their_s", "their CPU s"), ("speedup", "their s / our s")],
+    "clip_stage": [("clip stage", "CLIP stage"), ("samples", "samples"), ("epochs", "epochs"),
+                   ("seconds", "wall s"), ("speedup", "speed-up"), ("val_recall_at_5", "recall@5")],
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    names = (argv if argv is not None else sys.argv[1:]) or list(COLUMNS)
+    folder = Path(os.environ.get(RESULTS_ENV) or RESULTS_DIR)
+    for name in names:
+        path = folder / f"{name}.json"
+        if not path.exists():
+            print(f"<!-- {name}: no {path} -->\n")
+            continue
+        data = json.loads(path.read_text())
+        m = data.get("machine", {})
+        print(f"<!-- {name}: {m.get('cpu_count')} CPUs, torch {m.get('torch_threads')} thread(s), "
+              f"load {fmt(m.get('load_average_1min'))} -->")
+        print(table(data["rows"], COLUMNS[name]) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
