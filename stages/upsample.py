@@ -1,0 +1,203 @@
+"""Upsampler stages ``upsample1`` (Gaussian blur conditioning) and ``upsample2`` (BSR), one module.
+
+Which one runs is ``ctx.name``; each has its own config group (``configs/upsample1``,
+``configs/upsample2``) with ``kind: blur | bsr``. Both read only the filtered shards: the images
+are resized to the stage's high resolution through Ray Data, training draws random crops of a
+quarter of that side (corrupted on the fly, noise-level augmentation on top), and the EMA model is
+validated on held-out images at full size against bicubic upsampling of the same corrupted input
+(PSNR, SSIM, and a grid image). The model is registered with its alias decided by PSNR.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from typing import Any, Iterator
+
+import numpy as np
+import ray
+import torch
+
+from pipelines.config import to_container
+from pipelines.context import StageContext, StageResult
+from stages import training
+from unclip import storage
+from unclip.data.degradations import KINDS, config_for, degrade
+from unclip.data.loading import iter_decoded
+from unclip.data.shards import list_shards
+from unclip.diffusion import GaussianDiffusion
+from unclip.models.upsampler import Upsampler, build_config
+from unclip.registry import register_checkpoint
+from unclip.training.loop import LoopConfig, make_optimizer, train
+from unclip.training.state import EMA
+from unclip.training.upsampler import CropBatches, make_step_loss, to_unit
+
+log = logging.getLogger("unclip")
+
+
+def model_config(c: Any) -> dict[str, Any]:
+    """The upsampler's own config (what its checkpoint stores) from the stage config."""
+    return build_config({**to_container(c.model), "scale": int(c.scale), "kind": str(c.kind),
+                         "diffusion": to_container(c.diffusion),
+                         "sampler": str(c.sampling.sampler), "steps": int(c.sampling.steps)})
+
+
+def sizes(c: Any) -> tuple[int, int, int]:
+    """(high, low, crop) sides, checked: crops are ``crop_fraction`` of the high side."""
+    high, scale = int(c.high_res), int(c.scale)
+    crop = int(round(high * float(c.crop_fraction)))
+    if c.kind not in KINDS:
+        raise ValueError(f"{c.kind!r} is not a degradation kind ({', '.join(KINDS)})")
+    if high % scale or crop % scale or not 0 < crop <= high:
+        raise ValueError(f"high_res {high} and its crop {crop} must be divisible by the scale {scale}")
+    return high, high // scale, crop
+
+
+def run(ctx: StageContext) -> StageResult:
+    c = ctx.stage_cfg
+    high, low, crop = sizes(c)
+    mcfg = model_config(c)
+    multiple = Upsampler.multiple_for(mcfg)
+    if crop % multiple or high % multiple:
+        raise ValueError(f"{ctx.name}: crop {crop} and high_res {high} must be divisible by "
+                         f"{multiple} for a UNet with {len(mcfg['channels'])} levels")
+    config_for(str(c.kind), to_container(c.degradation))  # fail here, not in a worker
+    frac = float(c.holdout_fraction)
+    shards = list_shards(ctx.input("filter", "shards"))
+
+    def decoded(row: dict[str, Any]) -> list[dict[str, Any]]:
+        return [{"image": r["image"]} for r in iter_decoded(row["shard"], high, "train", frac)]
+
+    train_ds = ray.data.from_items([{"shard": s} for s in shards], override_num_blocks=len(shards)) \
+        .flat_map(decoded)
+    if c.train.max_train_images:
+        train_ds = train_ds.limit(int(c.train.max_train_images))
+    if c.train.cache_images:  # decode + resize once; the workers keep their share in memory
+        train_ds = train_ds.materialize()
+    n_train = train_ds.count()
+    holdout = _holdout(shards, high, frac, int(c.validation.max_images))
+    if n_train == 0 or len(holdout) == 0:
+        raise ValueError(f"{ctx.name}: {n_train} training and {len(holdout)} held-out images; "
+                         f"need both (check the filter output and holdout_fraction)")
+    grid_uri = ctx.path("samples.png")
+    loop_config = {
+        "stage": ctx.name, "model": mcfg, "kind": str(c.kind), "crop": crop,
+        "degradation": to_container(c.degradation), "train": to_container(c.train),
+        "validation": to_container(c.validation), "holdout": holdout, "grid_uri": grid_uri,
+    }
+    log.info("%s: %s x%d (%d -> %d), %d training images in %d px crops, %d held out", ctx.name,
+             c.kind, int(c.scale), low, high, n_train, crop, len(holdout))
+    result = training.fit(ctx, train_loop, loop_config, int(c.train.num_workers),
+                          datasets={"train": train_ds})
+    model = Upsampler(mcfg)
+    ema = EMA(model, float(c.train.ema_decay))
+    meta = training.load_result_state(result, model, ema)
+    final = {k: float(v) for k, v in (meta.get("metrics") or {}).items()}
+    if "val_psnr" not in final:
+        raise RuntimeError(f"{ctx.name}: training ended without a validation ({sorted(final)})")
+    folder = ctx.path("model")
+    ema.model.save(folder, extra={"trained_steps": meta.get("step"), "metrics": final})
+    _log_grid(grid_uri, ctx.name)
+    version, alias = register_checkpoint(folder, str(c.register_name), final["val_psnr"])
+    return StageResult(
+        outputs={"model": folder, "registered": f"models:/{c.register_name}/{version}",
+                 "samples": grid_uri},
+        metrics={**final, "n_train": n_train, "n_holdout": len(holdout), "low_res": low,
+                 "high_res": high, "crop": crop, "registered_version": int(version),
+                 "registered_alias": alias},
+        summary=(f"{c.kind} x{c.scale} {low}->{high}: held-out PSNR {final['val_psnr']:.2f} dB "
+                 f"(bicubic {final['val_psnr_bicubic']:.2f}), SSIM {final['val_ssim']:.3f} "
+                 f"(bicubic {final['val_ssim_bicubic']:.3f}), {mcfg['steps']} {mcfg['sampler']} "
+                 f"steps; registered {c.register_name} v{version} as {alias}"),
+    )
+
+
+def _holdout(shards: list[str], size: int, frac: float, limit: int) -> np.ndarray:
+    """The first ``limit`` held-out images (same key split as every stage), uint8 (N, S, S, 3)."""
+    out = []
+    for s in shards:
+        for row in iter_decoded(s, size, "holdout", frac):
+            out.append(row["image"])
+            if len(out) >= limit:
+                return np.stack(out)
+    return np.stack(out) if out else np.zeros((0, size, size, 3), np.uint8)
+
+
+def _log_grid(uri: str, stage: str) -> None:
+    import mlflow
+    from PIL import Image
+
+    if storage.exists(uri):
+        img = np.asarray(Image.open(io.BytesIO(storage.read_bytes(uri))).convert("RGB"))
+        mlflow.log_image(img, f"{stage}_samples.png")
+
+
+# ---- inside the training workers -------------------------------------------------------------
+
+
+def _cached_images(shard, batch_size: int = 64) -> np.ndarray:
+    parts = [b["image"] for b in shard.iter_batches(batch_size=batch_size, batch_format="numpy")]
+    if not parts:
+        raise ValueError("this training worker received no images; use fewer workers")
+    return np.concatenate(parts)
+
+
+def _streaming(shard, config: dict[str, Any], rank: int):
+    """Batches straight from Ray Data each epoch, one random crop per image (data sets larger than
+    memory), corrupted like :class:`CropBatches`."""
+    t, crop, scale = config["train"], int(config["crop"]), int(config["model"]["scale"])
+    cfg = config_for(config["kind"], config["degradation"])
+
+    def batches(epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        rng = np.random.default_rng([int(t["seed"]), rank, epoch])
+        for b in shard.iter_batches(batch_size=int(t["batch_size"]), batch_format="numpy",
+                                    drop_last=True, local_shuffle_buffer_size=4 * int(t["batch_size"]),
+                                    local_shuffle_seed=int(t["seed"]) + epoch):
+            imgs = b["image"]
+            _, h, w, _ = imgs.shape
+            ys, xs = rng.integers(0, h - crop + 1, len(imgs)), rng.integers(0, w - crop + 1, len(imgs))
+            hr = to_unit(np.stack([im[y:y + crop, x:x + crop] for im, y, x in zip(imgs, ys, xs)]))
+            yield hr * 2 - 1, degrade(config["kind"], hr, scale, rng, cfg) * 2 - 1
+
+    return batches
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """One Ray Train worker: conv-only UNet, crops, EMA, resume; rank 0 validates at full size."""
+    import ray.train
+    import ray.train.torch
+
+    from unclip.eval.upsampling import validate
+
+    t, v = config["train"], config["validation"]
+    session = training.WorkerSession(config)
+    training.seed_everything(int(t["seed"]) + session.rank)
+    model = ray.train.torch.prepare_model(Upsampler(config["model"]))
+    loop_cfg = LoopConfig.from_dict(t)
+    opt = make_optimizer(model, loop_cfg)
+    ema = EMA(training.unwrap(model), loop_cfg.ema_decay)
+    meta = session.restore(model, opt, ema)
+    shard = ray.train.get_dataset_shard("train")
+    if t["cache_images"]:
+        batches = CropBatches(_cached_images(shard), int(t["batch_size"]), int(config["crop"]),
+                              int(config["model"]["scale"]), config["kind"], config["degradation"],
+                              seed=int(t["seed"]), rank=session.rank)
+    else:
+        batches = _streaming(shard, config, session.rank)
+    diffusion = GaussianDiffusion(training.unwrap(model).diffusion_config)
+    step_loss = make_step_loss(diffusion, int(config["model"]["aug_max_level"]))
+
+    def evaluate(ema_model: torch.nn.Module, step: int) -> dict[str, float]:
+        from PIL import Image
+
+        metrics, grid = validate(ema_model, config["holdout"], config["kind"], config["degradation"],
+                                 seed=int(v["seed"]), batch_size=int(v["batch_size"]),
+                                 grid_rows=int(v["grid_rows"]))
+        buf = io.BytesIO()
+        Image.fromarray(grid).save(buf, format="PNG")
+        storage.write_bytes(config["grid_uri"], buf.getvalue())
+        return metrics
+
+    train(session, model, opt, ema, batches, step_loss, loop_cfg,
+          start_step=int(meta.get("step", 0)), start_epoch=int(meta.get("epoch", 0)),
+          evaluate=evaluate, fault=config.get("fault"))
