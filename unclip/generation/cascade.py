@@ -1,0 +1,210 @@
+"""The unCLIP cascade at inference: CLIP text encoder -> prior -> decoder -> two upsamplers.
+
+Every manipulation of the paper (Sec. 3) works in CLIP image-embedding space and then decodes:
+variations keep z_i and draw new decoder noise; interpolations slerp two embeddings; text diffs
+slerp z_i towards the normalized difference of two caption embeddings, from the DDIM-inverted x_T
+of the image; PCA reconstructions keep the first k principal components of z_i.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from unclip.models.decoder_sampling import caption_condition, decode, invert
+from unclip.generation.images import InputError, check_prompt, from_pil, to_pil
+from unclip.generation.models import ModelRefs, resolve
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, theta: float) -> torch.Tensor:
+    """Spherical interpolation of unit vectors (rows), theta in [0, 1]."""
+    a, b = F.normalize(a.float(), dim=-1), F.normalize(b.float(), dim=-1)
+    omega = torch.acos((a * b).sum(-1, keepdim=True).clamp(-1 + 1e-7, 1 - 1e-7))
+    so = torch.sin(omega)
+    out = (torch.sin((1 - theta) * omega) / so) * a + (torch.sin(theta * omega) / so) * b
+    return F.normalize(out, dim=-1)
+
+
+@dataclass
+class Settings:
+    """Sampling settings of one call; ``None`` keeps each model's trained default."""
+
+    prior_guidance: float = 4.0
+    decoder_guidance: float = 3.0
+    prior_steps: int = 64
+    prior_candidates: int = 2
+    decoder_sampler: str = "ddim"
+    decoder_steps: int = 50
+    upsampler_steps: int | None = None
+    upsample: bool = True
+
+
+class UnCLIP:
+    """Loads the models named by ``refs`` once; every method returns PIL images."""
+
+    def __init__(self, refs: ModelRefs, device: str | None = None,
+                 progress: Callable[[str], None] | None = None):
+        from unclip.models.clip import load_clip
+        from unclip.models.decoder import load_decoder
+        from unclip.models.prior import load_prior
+
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.refs = refs
+        self._say = progress or (lambda _msg: None)
+        self._say(f"loading CLIP {refs.clip}")
+        self.clip = load_clip(resolve(refs.clip))
+        self.clip.model.to(self.device)
+        self._say(f"loading prior {refs.prior}")
+        self.prior = load_prior(resolve(refs.prior)).to(self.device)
+        self._say(f"loading decoder {refs.decoder}")
+        self.decoder = load_decoder(resolve(refs.decoder)).to(self.device)
+        self.upsamplers = []
+        for ref in (refs.upsampler1, refs.upsampler2):
+            if ref:
+                from unclip.models.upsampler import Upsampler
+
+                self._say(f"loading upsampler {ref}")
+                self.upsamplers.append(Upsampler.from_checkpoint(resolve(ref)).to(self.device))
+        self._pca = None
+
+    # ---- building blocks ----------------------------------------------------------------------
+
+    @property
+    def resolution(self) -> int:
+        return int(self.decoder.cfg.resolution)
+
+    def encode_text(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(z_t (B, D) unit-norm, token states (B, L, W), token mask (B, L))."""
+        prompts = [check_prompt(p) for p in prompts]
+        z_t, states, mask = self.clip.encode_text_tokens(prompts)
+        return (torch.from_numpy(z_t).to(self.device), torch.from_numpy(states).to(self.device),
+                torch.from_numpy(mask).to(self.device))
+
+    def encode_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        return torch.from_numpy(self.clip.encode_images(list(images))).to(self.device)
+
+    def prior_sample(self, prompts: Sequence[str], s: Settings,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+        from unclip.models.prior import DiffusionPrior
+
+        z_t, states, mask = self.encode_text(prompts)
+        kwargs = dict(guidance_scale=s.prior_guidance, num_candidates=s.prior_candidates,
+                      generator=generator)
+        if isinstance(self.prior, DiffusionPrior):
+            kwargs["steps"] = s.prior_steps
+        return self.prior.sample(states, mask, z_t, **kwargs)
+
+    @torch.no_grad()
+    def decode(self, z_i: torch.Tensor, prompts: Sequence[str] | None, s: Settings,
+               generator: torch.Generator | None = None,
+               x_T: torch.Tensor | None = None) -> torch.Tensor:
+        """Decoder samples (B, 3, R, R) in [-1, 1] for image embeddings (and captions)."""
+        text = None
+        if prompts is not None and self.decoder.cfg.use_caption:
+            text = caption_condition(self.clip, [check_prompt(p) for p in prompts])
+        return decode(self.decoder, z_i, text, s.decoder_guidance, s.decoder_sampler,
+                      s.decoder_steps, generator=generator, x_T=x_T)
+
+    @torch.no_grad()
+    def invert(self, images: Sequence[Image.Image], z_i: torch.Tensor, steps: int) -> torch.Tensor:
+        """DDIM-inverted decoder noise x_T of images, conditioned on their own embeddings."""
+        return invert(self.decoder, from_pil(images, self.resolution), z_i, None, steps)
+
+    @torch.no_grad()
+    def upsample(self, base: torch.Tensor, s: Settings,
+                 generator: torch.Generator | None = None) -> list[torch.Tensor]:
+        """The base images followed by each upsampler's output."""
+        out = [base]
+        for up in self.upsamplers:
+            out.append(up.upsample(out[-1], steps=s.upsampler_steps, generator=generator))
+        return out
+
+    def _finish(self, base: torch.Tensor, s: Settings, generator) -> list[list[Image.Image]]:
+        stages = self.upsample(base, s, generator) if s.upsample else [base]
+        return [to_pil(x) for x in stages]
+
+    # ---- what users call ----------------------------------------------------------------------
+
+    def generate(self, prompt: str, num_images: int = 1, seed: int = 0,
+                 settings: Settings | None = None) -> list[list[Image.Image]]:
+        """Images for ``prompt``: a list per resolution (base first, final last)."""
+        s = settings or Settings()
+        g = torch.Generator().manual_seed(seed)
+        z_i = self.prior_sample([check_prompt(prompt)] * num_images, s, g)
+        return self._finish(self.decode(z_i, [prompt] * num_images, s, g), s, g)
+
+    def vary(self, image: Image.Image, num_images: int = 4, seed: int = 0,
+             settings: Settings | None = None) -> list[list[Image.Image]]:
+        """Variations: the image's CLIP embedding decoded with new noise (no caption)."""
+        s = settings or Settings()
+        g = torch.Generator().manual_seed(seed)
+        z_i = self.encode_images([image]).repeat(num_images, 1)
+        return self._finish(self.decode(z_i, None, s, g), s, g)
+
+    def interpolate(self, image_a: Image.Image, image_b: Image.Image, frames: int = 5, seed: int = 0,
+                    noise: str = "fixed", settings: Settings | None = None) -> list[list[Image.Image]]:
+        """Frames along slerp(z_a, z_b); decoder noise fixed, or slerped between both inversions."""
+        if frames < 2:
+            raise InputError("--frames must be at least 2")
+        if noise not in ("fixed", "interpolated"):
+            raise InputError(f"noise must be 'fixed' or 'interpolated', got {noise!r}")
+        s = settings or Settings(decoder_sampler="ddim")
+        g = torch.Generator().manual_seed(seed)
+        z = self.encode_images([image_a, image_b])
+        thetas = np.linspace(0, 1, frames)
+        zs = torch.cat([slerp(z[:1], z[1:], float(th)) for th in thetas])
+        shape = (1, 3, self.resolution, self.resolution)
+        if noise == "fixed":
+            x_T = torch.randn(shape, generator=g).repeat(frames, 1, 1, 1)
+        else:
+            inv = self.invert([image_a, image_b], z, s.decoder_steps).cpu().flatten(1)
+            norms = inv.norm(dim=1)
+            x_T = torch.cat([slerp(inv[:1], inv[1:], float(th)) * (norms[0] * (1 - th) + norms[1] * th)
+                             for th in thetas]).view(frames, *shape[1:])
+        return self._finish(self.decode(zs, None, s, g, x_T=x_T), s, g)
+
+    def edit(self, image: Image.Image, source: str, target: str, frames: int = 5,
+             max_theta: float = 0.5, settings: Settings | None = None,
+             seed: int = 0) -> list[list[Image.Image]]:
+        """Text diff: z = slerp(z_i, normalize(z_t(target) - z_t(source)), theta), decoded by DDIM
+        from the image's inverted noise, theta from 0 to ``max_theta`` (the paper uses <= 0.5)."""
+        s = settings or Settings(decoder_sampler="ddim")
+        s.decoder_sampler = "ddim"  # inversion and decoding must be the same deterministic map
+        z_src, _, _ = self.encode_text([source])
+        z_tgt, _, _ = self.encode_text([target])
+        z_d = F.normalize(z_tgt - z_src, dim=-1)
+        if not torch.isfinite(z_d).all() or (z_tgt - z_src).norm() < 1e-6:
+            raise InputError("--from and --to give the same CLIP embedding: nothing to edit")
+        z_i = self.encode_images([image])
+        x_T = self.invert([image], z_i, s.decoder_steps).repeat(frames, 1, 1, 1)
+        zs = torch.cat([slerp(z_i, z_d, float(th)) for th in np.linspace(0, max_theta, frames)])
+        g = torch.Generator().manual_seed(seed)
+        return self._finish(self.decode(zs, None, s, g, x_T=x_T), s, g)
+
+    def pca_reconstruct(self, image: Image.Image, dims: Sequence[int], seed: int = 0,
+                        settings: Settings | None = None) -> list[list[Image.Image]]:
+        """Decodings of z_i kept to its first k principal components, for each k (fixed noise)."""
+        from unclip.embeddings.pca import PCA
+
+        if self.refs.pca is None:
+            raise InputError("no PCA model given (it comes from the pca stage: models:/unclip-pca@...)")
+        if self._pca is None:
+            self._pca = PCA.load(resolve(self.refs.pca))
+        pca = self._pca
+        bad = [k for k in dims if not 1 <= k <= pca.n_components]
+        if bad:
+            raise InputError(f"--dims {bad}: each must be between 1 and {pca.n_components}")
+        s = settings or Settings(decoder_sampler="ddim")
+        z = self.encode_images([image]).cpu().numpy().astype(np.float64)
+        zs = []
+        for k in dims:
+            zs.append(pca.inverse_transform(pca.transform(z, n=k)))
+        zk = F.normalize(torch.from_numpy(np.concatenate(zs)).float(), dim=-1).to(self.device)
+        g = torch.Generator().manual_seed(seed)
+        x_T = torch.randn((1, 3, self.resolution, self.resolution), generator=g).repeat(len(dims), 1, 1, 1)
+        return self._finish(self.decode(zk, None, s, g, x_T=x_T), s, g)

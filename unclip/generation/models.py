@@ -1,0 +1,47 @@
+"""Which registered models a generation uses, and loading them once (cached on local disk)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields, replace
+
+# The names the pipeline's stages register under (configs/<stage>/default.yaml `register_name`).
+DEFAULT_NAMES = {"clip": "unclip-clip", "pca": "unclip-pca", "prior": "unclip-prior",
+                 "decoder": "unclip-decoder", "upsampler1": "unclip-upsampler1",
+                 "upsampler2": "unclip-upsampler2"}
+
+
+@dataclass(frozen=True)
+class ModelRefs:
+    """A URI per model: ``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, or a checkpoint folder."""
+
+    clip: str
+    prior: str
+    decoder: str
+    upsampler1: str | None = None
+    upsampler2: str | None = None
+    pca: str | None = None
+
+    @classmethod
+    def registered(cls, alias: str = "champion", **overrides: str | None) -> "ModelRefs":
+        refs = {f.name: f"models:/{DEFAULT_NAMES[f.name]}@{alias}" for f in fields(cls)}
+        return replace(cls(**refs), **{k: v for k, v in overrides.items() if v is not None})
+
+
+def default_tracking_uri(run_dir: str = "runs/tiny") -> str:
+    """The store `make pipeline` wrote to: MLFLOW_TRACKING_URI, else the run directory's sqlite."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    return f"sqlite:///{os.path.abspath(os.path.join(run_dir, 'mlflow.db'))}"
+
+
+def resolve(uri: str) -> str:
+    """A local checkpoint folder for ``uri``; LookupError with a one-line reason if it is missing."""
+    from unclip import checkpoint, storage
+    from unclip.registry import resolve_checkpoint
+
+    folder = resolve_checkpoint(uri)
+    if not storage.exists(storage.join(folder, checkpoint.CONFIG)):
+        raise LookupError(f"{uri}: no unclip checkpoint there (no {checkpoint.CONFIG})")
+    return folder
