@@ -46,8 +46,15 @@ STAGES: tuple[StageSpec, ...] = (
               "out-of-core PCA of the image embeddings + AR-prior bucket edges (Ray Data passes)"),
     StageSpec("prior", ("embed", "pca", "clip"), ("prior",), "stages.prior:run",
               "diffusion or autoregressive prior P(z_i | caption) (Ray Train), held-out cosine"),
+    StageSpec("upsample1", ("filter",), ("upsample1",), "stages.upsample:run",
+              "x4 diffusion upsampler on Gaussian-blurred inputs (conv-only UNet, Ray Train)"),
+    StageSpec("upsample2", ("filter",), ("upsample2",), "stages.upsample:run",
+              "x4 diffusion upsampler on BSR-degraded inputs (conv-only UNet, Ray Train)"),
     StageSpec("decoder", ("filter", "embed", "clip"), ("decoder",), "stages.decoder:run",
               "GLIDE-style diffusion decoder P(x | z_i, caption) (Ray Train), detector-scored decodes"),
+    StageSpec("evaluate", ("filter", "clip", "prior", "decoder", "upsample1", "upsample2"),
+              ("evaluate",), "stages.evaluate:run",
+              "the whole cascade on held-out captions: detector accuracies, CLIP score, FD, grid.png"),
 )
 
 

@@ -24,7 +24,7 @@ import torch
 from pipelines.config import to_container
 from pipelines.context import StageContext, StageResult
 from stages import training
-from stages.prior_data import read_holdout, split_dataset, train_statistics
+from stages.prior_data import read_holdout, read_split, split_dataset, train_statistics
 from unclip.embeddings import io as eio
 from unclip.models.clip import ClipEncoder, load_clip, text_tokens
 from unclip.models.prior import mean_cosine, resolve_embed_scale
@@ -137,7 +137,8 @@ def run(ctx: StageContext) -> StageResult:
     clip_source = str(ctx.input("clip", "model"))
     clip = load_clip(resolve_checkpoint(clip_source))
     train_ds = split_dataset(files, "train", frac)
-    stats = train_statistics(train_ds.iter_batches(batch_size=4096, batch_format="numpy"))
+    # driver-side, one file at a time (bounded memory): cheaper than starting Ray Data workers
+    stats = train_statistics(read_split({"uri": np.array([u])}, "train", frac) for u in files)
     holdout = read_holdout(files, frac, int(c.max_holdout))
     if len(holdout["captions"]) < 5:
         raise ValueError(f"prior: only {len(holdout['captions'])} held-out rows; raise "
