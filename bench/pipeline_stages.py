@@ -5,8 +5,9 @@
   actors: images/s (the scaling item);
 * PCA: rows/s of the stage's three Ray Data passes (moments, range, histograms) at 1x and 10x the
   tiny preset's rows (full mode: 10x the tiny preset, 40k and 400k rows), and the peak memory
-  (max RSS, and its growth over the RSS after imports) of a subprocess running the same per-file
-  code over all files at 1x and 10x: out-of-core means the peak does not grow with the rows.
+  (max RSS, its growth over the RSS after imports, and the tracemalloc peak of the Python/numpy
+  allocations) of a subprocess running the same per-file code over all files at 1x and 10x:
+  out-of-core means the peak does not grow with the rows.
 
 Stage times include their start-up (Ray tasks, CLIP actors loading the model): what a run pays.
 
@@ -104,12 +105,13 @@ def write_embeddings(folder: str, rows: int, files: int, dim: int, seed: int = 0
 
 # The per-file code of the PCA stage's three passes, run over every file in one process.
 _MEMORY_SCRIPT = r"""
-import json, resource, sys, time
+import json, resource, sys, time, tracemalloc
 import numpy as np
 from stages import pca as P
 from unclip.embeddings.pca import Moments, fit_from_moments, default_hist_bins
 files, batch_size, buckets = json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+tracemalloc.start()  # numpy and pyarrow-to-numpy buffers are traced: the data the passes hold
 t0 = time.perf_counter()
 total = None
 for f in files:
@@ -124,7 +126,7 @@ lo, hi = np.min(lo, 0), np.max(hi, 0)
 counts = sum(P._hist_task({"uri": [f]}, batch_size, pca.mean, pca.components, lo, hi,
                           default_hist_bins(buckets))["counts"][0] for f in files)
 print(json.dumps({"rows": int(total.count), "seconds": time.perf_counter() - t0,
-                  "baseline_rss_mb": base,
+                  "baseline_rss_mb": base, "traced_peak_mb": tracemalloc.get_traced_memory()[1] / 2**20,
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 
@@ -158,6 +160,7 @@ def pca_bench(tmp: str, quick: bool, num_cpus: int) -> list[dict[str, Any]]:
                     "seconds": sec, "per_s": rows / sec, "unit": "rows/s", "dim": dim,
                     "peak_rss_mb": mem["peak_rss_mb"], "baseline_rss_mb": mem["baseline_rss_mb"],
                     "rss_growth_mb": mem["peak_rss_mb"] - mem["baseline_rss_mb"],
+                    "traced_peak_mb": mem["traced_peak_mb"],
                     "single_process_rows_per_s": rows / mem["seconds"],
                     "input_mb": rows * dim * 4 / 1e6})
     return out
@@ -170,7 +173,7 @@ def run(quick: bool = False, threads: int = 1, out: str | None = None,
         rows += data_filter_embed(tmp, quick, num_cpus)
         rows += pca_bench(tmp, quick, num_cpus)
     common.print_table(rows, ["stage", "workers", "items", "seconds", "per_s", "unit", "peak_rss_mb",
-                              "rss_growth_mb", "input_mb"],
+                              "rss_growth_mb", "traced_peak_mb", "input_mb"],
                        f"pipeline stages (local Ray, {num_cpus} CPUs; wall seconds)")
     result = {"name": "pipeline_stages", "machine": common.machine(threads), "num_cpus": num_cpus,
               "rows": rows}

@@ -32,6 +32,7 @@ COLUMNS = {
     "pipeline_stages": [("stage", "stage"), ("workers", "workers"), ("items", "items"),
                         ("seconds", "wall s"), ("per_s", "per s"), ("unit", "unit"),
                         ("peak_rss_mb", "peak RSS MB"), ("rss_growth_mb", "RSS growth MB"),
+                        ("traced_peak_mb", "traced peak MB"),
                         ("input_mb", "input MB")],
     "scaling": [("model", "model"), ("workers", "workers"), ("batch_per_worker", "batch / worker"),
                 ("steps_per_s", "steps/s"), ("samples_per_s", "samples/s"),
