@@ -8,6 +8,7 @@ reference is the distance between two disjoint sets of real images of the same s
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 from typing import Any
@@ -82,11 +83,11 @@ def run(ctx: StageContext) -> StageResult:
     c = ctx.stage_cfg
     refs = ModelRefs(clip=_model_folder(ctx, "clip"), prior=_model_folder(ctx, "prior"),
                      decoder=_model_folder(ctx, "decoder"),
-                     upsampler1=_model_folder(ctx, "upsample1") if c.upsample else None,
-                     upsampler2=_model_folder(ctx, "upsample2") if c.upsample else None)
+                     upsampler1=_model_folder(ctx, "upsample1"),
+                     upsampler2=_model_folder(ctx, "upsample2"))
     settings = Settings(prior_guidance=float(c.prior_guidance), decoder_guidance=float(c.decoder_guidance),
                         prior_steps=int(c.prior_steps), decoder_steps=int(c.decoder_steps),
-                        decoder_sampler=str(c.decoder_sampler), upsample=bool(c.upsample),
+                        decoder_sampler=str(c.decoder_sampler), upsample=bool(c.score_upsampled),
                         upsampler_steps=None if c.upsampler_steps is None else int(c.upsampler_steps))
     scenes, real_holdout, real_train = held_out_scenes(
         list_shards(ctx.input("filter", "shards")), float(c.holdout_fraction),
@@ -97,7 +98,7 @@ def run(ctx: StageContext) -> StageResult:
     captions = [s.caption for s in scenes]
     uri = tracking.tracking_uri(ctx.cfg)
     table = generate_batch(captions, [int(c.seed)], refs, ctx.path("samples"), settings,
-                           int(c.num_actors), uri, "final" if c.upsample else "base")
+                           int(c.num_actors), uri, "final" if c.score_upsampled else "base")
     images = [Image.open(io.BytesIO(storage.read_bytes(p))).convert("RGB") for p in table.column("path").to_pylist()]
     side = int(c.score_resolution)
     small = [im.resize((side, side), Image.BICUBIC) for im in images]
@@ -126,8 +127,9 @@ def run(ctx: StageContext) -> StageResult:
         "resolution": images[0].size[0],
     }
 
-    # the grid of fixed prompts: one row per prompt
-    rows = [model.generate(str(p), 1, int(seed), settings)[-1][0]
+    # the grid of fixed prompts, one row per prompt, always through the whole cascade
+    full = dataclasses.replace(settings, upsample=True)
+    rows = [model.generate(str(p), 1, int(seed), full)[-1][0]
             for p in c.grid_prompts for seed in c.grid_seeds]
     grid_img = grid(rows, cols=len(c.grid_seeds))
     buf = io.BytesIO()

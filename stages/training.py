@@ -7,6 +7,7 @@ same step, same optimizer state. A config change gives a new name and a fresh st
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -21,7 +22,7 @@ from pipelines.context import StageContext
 from pipelines.status import stage_config_hash
 from pipelines.graph import Graph
 from unclip import storage
-from unclip.training.state import EMA, load_state, save_state, unwrap
+from unclip.training.state import STATE_META, STATE_WEIGHTS, EMA, load_state, save_state, unwrap
 
 log = logging.getLogger("unclip")
 
@@ -37,7 +38,8 @@ def fit(ctx: StageContext, train_loop: Callable[[dict], None], loop_config: dict
     name = f"{ctx.name}-{stage_config_hash(Graph()[ctx.name], ctx.cfg)}"
     config = {**loop_config,
               "mlflow": {"tracking_uri": tracking.tracking_uri(ctx.cfg), "run_id": ctx.mlflow_run_id},
-              "fault": fault_injection()}
+              "fault": fault_injection(),
+              "checkpoint_dir": storage.join(checkpoint_root(ctx), name)}
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=config,
@@ -77,6 +79,7 @@ class WorkerSession:
         self.rank = ctx.get_world_rank()
         self.world_size = ctx.get_world_size()
         self.mlflow = config.get("mlflow") or {}
+        self.checkpoint_dir = config.get("checkpoint_dir")
         self._client = None
         self._t0 = time.monotonic()
 
@@ -86,14 +89,26 @@ class WorkerSession:
 
     def restore(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
                 ema: EMA | None) -> dict[str, Any]:
-        """Load the last reported checkpoint if there is one; returns its meta ({} for a fresh run)."""
+        """Load the latest checkpoint if there is one; returns its meta ({} for a fresh run).
+
+        Ray Train hands back the last checkpoint its controller *registered*; one persisted just
+        before a worker died can be missing from that list (the controller polls reports), so the
+        run's checkpoint folder is scanned too and the later of the two wins."""
         import ray.train
 
         ckpt = ray.train.get_checkpoint()
-        if ckpt is None:
+        best_step, best_dir = latest_persisted(self.checkpoint_dir)
+        if ckpt is not None:
+            with ckpt.as_directory() as d:
+                registered = storage.read_json(os.path.join(d, STATE_META)).get("step", -1)
+                if registered >= best_step:
+                    return self._loaded(load_state(d, unwrap(model), optimizer, ema))
+        if best_dir is None:
             return {}
-        with ckpt.as_directory() as d:
-            meta = load_state(d, unwrap(model), optimizer, ema)
+        with _local_copy(best_dir) as d:
+            return self._loaded(load_state(d, unwrap(model), optimizer, ema))
+
+    def _loaded(self, meta: dict[str, Any]) -> dict[str, Any]:
         if self.is_main:
             _say(f"[unclip] resumed from step {meta.get('step')} (epoch {meta.get('epoch')})")
         return meta
@@ -133,6 +148,40 @@ class WorkerSession:
                 ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
         else:
             ray.train.report(metrics)
+
+
+def latest_persisted(folder: str | None) -> tuple[int, str | None]:
+    """(step, folder) of the furthest complete training state under a Ray Train run folder."""
+    if not folder or not storage.exists(folder):
+        return -1, None
+    fs, path = storage.get_fs(folder)
+    best: tuple[int, str | None] = (-1, None)
+    for entry in fs.ls(path, detail=False):
+        name = entry.rstrip("/").rsplit("/", 1)[-1]
+        if not name.startswith("checkpoint_"):
+            continue
+        sub = storage.join(folder, name)
+        try:  # a folder whose upload was cut short has no (or an unreadable) meta: skip it
+            if not storage.exists(storage.join(sub, STATE_WEIGHTS)):
+                continue
+            step = int(storage.read_json(storage.join(sub, STATE_META)).get("step", -1))
+        except (OSError, ValueError):
+            continue
+        if step > best[0]:
+            best = (step, sub)
+    return best
+
+
+@contextlib.contextmanager
+def _local_copy(folder: str):
+    if not storage.is_remote(folder):
+        yield folder
+        return
+    with tempfile.TemporaryDirectory() as d:
+        fs, path = storage.get_fs(folder)
+        for name in (STATE_WEIGHTS, STATE_META):
+            fs.get(f"{path.rstrip('/')}/{name}", os.path.join(d, name))
+        yield d
 
 
 def _say(line: str) -> None:
