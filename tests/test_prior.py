@@ -310,3 +310,49 @@ def test_prior_resumes_after_a_killed_worker(smoke_run, tmp_path, monkeypatch):
     # the training loop's series (the stage's summary metrics are logged once more at step 0)
     steps = [h.step for h in client.get_metric_history(m.mlflow_run_id, "train_loss") if h.step > 0]
     assert steps == [10, 20, 30, 40], steps  # resumed at 20: steps 10 and 20 were not redone
+
+
+def test_prior_resumes_after_a_killed_driver(smoke_run, tmp_path):
+    """SIGKILL the whole pipeline process (driver, its local Ray, the workers) once a checkpoint is
+    persisted: the re-run continues from that checkpoint's step, not from zero."""
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from pipelines.cli import main
+    from pipelines.manifest import read_manifest
+    from stages.training import latest_persisted
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(smoke_run, run_dir, ignore=shutil.ignore_patterns("prior", "prior-*"))
+    overrides = ["preset=smoke", f"run_dir={run_dir}", "prior.train.total_steps=300",
+                 "prior.train.checkpoint_every=20"]
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines", "stage", "prior", *overrides],
+                            cwd=root, env={**os.environ, "TQDM_DISABLE": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    killed_after = -1
+    deadline = time.monotonic() + 300
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            folders = list((run_dir / "checkpoints").glob("prior-*"))
+            if folders:
+                killed_after = latest_persisted(str(folders[0]))[0]
+                if killed_after >= 20:
+                    break
+            time.sleep(0.1)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert 20 <= killed_after < 300, "no checkpoint was persisted before the driver ended"
+    assert read_manifest(str(run_dir), "prior") is None
+
+    assert main(["stage", "prior", *overrides]) == 0
+    m = read_manifest(str(run_dir), "prior")
+    assert m.metrics["trained_steps"] == 300
+    assert m.metrics["resumed_from_step"] >= killed_after

@@ -160,7 +160,7 @@ def train(session: Session, model: torch.nn.Module, optimizer: torch.optim.Optim
                 meta = {"step": step, "epoch": epoch}
                 session.report({**metrics, **evaluated, "step": step}, model, optimizer, ema, meta)
         epoch += 1
-    final = dict(metrics)
+    final = {**metrics, "resumed_from_step": float(start_step)}
     if evaluate is not None and session.is_main:
         final.update(evaluate(ema.model, step))
         session.log({k: v for k, v in final.items() if not k.startswith("train_")}, step)
