@@ -167,8 +167,9 @@ def _batch(args: argparse.Namespace, refs, tracking_uri: str, t0: float) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     address = os.environ.get("RAY_ADDRESS")
-    ray.init(address=address or "local", include_dashboard=False, log_to_driver=False,
-             **({} if address else {"num_cpus": os.cpu_count() or 1}))
+    if not ray.is_initialized():  # the Python API may call this with Ray already up
+        ray.init(address=address or "local", include_dashboard=False, log_to_driver=False,
+                 **({} if address else {"num_cpus": os.cpu_count() or 1}))
     s = Settings(prior_guidance=args.prior_guidance, decoder_guidance=args.decoder_guidance,
                  prior_steps=args.prior_steps, decoder_steps=args.decoder_steps,
                  decoder_sampler=args.sampler, upsampler_steps=args.upsampler_steps,
