@@ -301,7 +301,9 @@ def test_prior_resumes_after_a_killed_worker(smoke_run, tmp_path, monkeypatch):
     marker = tmp_path / "killed"
     monkeypatch.setenv("UNCLIP_FAULT_KILL_AT_STEP", "25")
     monkeypatch.setenv("UNCLIP_FAULT_MARKER", str(marker))
-    assert main(["stage", "prior", "preset=smoke", f"run_dir={run_dir}"]) == 0
+    # run --until prior: another test may have re-run the shared smoke run's embed stage, and the
+    # pipeline then first refreshes what went stale upstream (pca) before the prior
+    assert main(["run", "--until", "prior", "preset=smoke", f"run_dir={run_dir}"]) == 0
     assert marker.read_text() == "25"  # the fault fired (once)
     m = read_manifest(str(run_dir), "prior")
     assert m.metrics["trained_steps"] == 40
@@ -332,7 +334,7 @@ def test_prior_resumes_after_a_killed_driver(smoke_run, tmp_path):
     overrides = ["preset=smoke", f"run_dir={run_dir}", "prior.train.total_steps=300",
                  "prior.train.checkpoint_every=20"]
     root = Path(__file__).resolve().parents[1]
-    proc = subprocess.Popen([sys.executable, "-m", "pipelines", "stage", "prior", *overrides],
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines", "run", "--until", "prior", *overrides],
                             cwd=root, env={**os.environ, "TQDM_DISABLE": "1"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
@@ -352,7 +354,7 @@ def test_prior_resumes_after_a_killed_driver(smoke_run, tmp_path):
     assert 20 <= killed_after < 300, "no checkpoint was persisted before the driver ended"
     assert read_manifest(str(run_dir), "prior") is None
 
-    assert main(["stage", "prior", *overrides]) == 0
+    assert main(["run", "--until", "prior", *overrides]) == 0
     m = read_manifest(str(run_dir), "prior")
     assert m.metrics["trained_steps"] == 300
     assert m.metrics["resumed_from_step"] >= killed_after
