@@ -23,7 +23,6 @@ from unclip.data.shapes import Scene
 from unclip.data.shards import RawSample, iter_shard, list_shards
 
 log = logging.getLogger("unclip")
-MODEL_STAGES = ("clip", "prior", "decoder", "upsample1", "upsample2")
 
 
 def _model_folder(ctx: StageContext, stage: str) -> str:

@@ -61,3 +61,13 @@ def load(folder: str, kind: str | None = None) -> tuple[dict[str, Any], dict[str
         return st_load(raw), meta
     except (SafetensorError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"{folder}/{WEIGHTS}: not a safetensors file ({exc})") from None
+
+
+def load_into(model, state: dict[str, Any], folder: str, what: str):
+    """Load ``state`` into ``model`` and return it in eval mode; weights that do not fit the model
+    its config describes are a CheckpointError naming the folder, not a deep torch error."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{folder}: weights do not fit the {what} its config describes "
+                              f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+    return model.eval()

@@ -91,7 +91,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("mlflow").setLevel(logging.ERROR)
     os.environ.setdefault("TQDM_DISABLE", "1")
     from unclip.generation import ModelRefs, UnCLIP
-    from unclip.generation.cascade import Settings
     from unclip.generation.images import InputError, grid, read_image, save_pngs
     from unclip.generation.models import default_tracking_uri
 
@@ -114,10 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "batch":
             return _batch(args, refs, uri, t0)
         model = UnCLIP(refs, device=args.device, progress=lambda m: print(f"[unclip] {m}", file=sys.stderr))
-        s = Settings(prior_guidance=args.prior_guidance, decoder_guidance=args.decoder_guidance,
-                     prior_steps=args.prior_steps, decoder_steps=args.decoder_steps,
-                     decoder_sampler=args.sampler, upsampler_steps=args.upsampler_steps,
-                     upsample=not args.no_upsample)
+        s = _settings(args)
         if args.command == "generate":
             stages = model.generate(args.prompt, args.num_images, args.seed, s)
             stem = "_".join(args.prompt.lower().split())[:60]
@@ -154,11 +150,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def _settings(args: argparse.Namespace):
+    """The sampling settings the common options describe (every command shares them)."""
+    from unclip.generation.cascade import Settings
+
+    return Settings(prior_guidance=args.prior_guidance, decoder_guidance=args.decoder_guidance,
+                    prior_steps=args.prior_steps, decoder_steps=args.decoder_steps,
+                    decoder_sampler=args.sampler, upsampler_steps=args.upsampler_steps,
+                    upsample=not args.no_upsample)
+
+
 def _batch(args: argparse.Namespace, refs, tracking_uri: str, t0: float) -> int:
     import ray
 
     from unclip.generation.batch import generate_batch, read_prompt_file
-    from unclip.generation.cascade import Settings
 
     try:
         prompts = read_prompt_file(args.prompt_file)
@@ -170,11 +175,7 @@ def _batch(args: argparse.Namespace, refs, tracking_uri: str, t0: float) -> int:
     if not ray.is_initialized():  # the Python API may call this with Ray already up
         ray.init(address=address or "local", include_dashboard=False, log_to_driver=False,
                  **({} if address else {"num_cpus": os.cpu_count() or 1}))
-    s = Settings(prior_guidance=args.prior_guidance, decoder_guidance=args.decoder_guidance,
-                 prior_steps=args.prior_steps, decoder_steps=args.decoder_steps,
-                 decoder_sampler=args.sampler, upsampler_steps=args.upsampler_steps,
-                 upsample=not args.no_upsample)
-    table = generate_batch(prompts, seeds, refs, os.path.abspath(args.out), s, args.num_actors,
+    table = generate_batch(prompts, seeds, refs, os.path.abspath(args.out), _settings(args), args.num_actors,
                            tracking_uri, "base" if args.no_upsample else "final")
     print(f"[unclip] wrote {table.num_rows} image(s) and index.parquet to {args.out}/ in "
           f"{time.monotonic() - t0:.1f} s", file=sys.stderr)

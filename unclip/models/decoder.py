@@ -206,12 +206,7 @@ def load_decoder(folder: str) -> Decoder:
     state, meta = checkpoint.load(folder, KIND)
     model = Decoder(DecoderConfig.from_dict(meta["config"]["model"]),
                     DiffusionConfig.from_dict(meta["config"]["diffusion"]))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise checkpoint.CheckpointError(
-            f"{folder}: weights do not fit the decoder its config describes (missing {missing[:5]}, "
-            f"unexpected {unexpected[:5]})")
-    return model.eval()
+    return checkpoint.load_into(model, state, folder, "decoder")
 
 
 def dropout_masks(batch: int, p_clip: float, p_caption: float,

@@ -160,12 +160,7 @@ class Upsampler(torch.nn.Module):
     def from_checkpoint(cls, folder: str) -> "Upsampler":
         state, meta = checkpoint.load(folder, KIND)
         model = cls(meta["config"])
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise checkpoint.CheckpointError(
-                f"{folder}: weights do not match the upsampler config (missing {missing[:5]}, "
-                f"unexpected {unexpected[:5]})")
-        return model.eval()
+        return checkpoint.load_into(model, state, folder, "upsampler")
 
 
 def load_upsampler(source: str) -> Upsampler:
