@@ -30,7 +30,7 @@ from unclip.models.upsampler import Upsampler, build_config
 from unclip.registry import register_checkpoint
 from unclip.training.loop import LoopConfig, make_optimizer, train
 from unclip.training.state import EMA
-from unclip.training.upsampler import CropBatches, make_step_loss, to_unit
+from unclip.training.upsampler import CropBatches, crop_each, make_step_loss
 
 log = logging.getLogger("unclip")
 
@@ -153,10 +153,7 @@ def _streaming(shard, config: dict[str, Any], rank: int):
         for b in shard.iter_batches(batch_size=int(t["batch_size"]), batch_format="numpy",
                                     drop_last=True, local_shuffle_buffer_size=4 * int(t["batch_size"]),
                                     local_shuffle_seed=int(t["seed"]) + epoch):
-            imgs = b["image"]
-            _, h, w, _ = imgs.shape
-            ys, xs = rng.integers(0, h - crop + 1, len(imgs)), rng.integers(0, w - crop + 1, len(imgs))
-            hr = to_unit(np.stack([im[y:y + crop, x:x + crop] for im, y, x in zip(imgs, ys, xs)]))
+            hr = crop_each(b["image"], crop, rng)
             yield hr * 2 - 1, degrade(config["kind"], hr, scale, rng, cfg) * 2 - 1
 
     return batches

@@ -27,15 +27,18 @@ def to_unit(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2).float().div_(255.0)
 
 
-def random_crops(images: np.ndarray, n: int, crop: int, rng: np.random.Generator) -> torch.Tensor:
-    """``n`` random ``crop`` x ``crop`` crops of random images, float (n, 3, crop, crop) in [0, 1]."""
-    _, h, w, _ = images.shape
+def crop_each(images: np.ndarray, crop: int, rng: np.random.Generator) -> torch.Tensor:
+    """One random ``crop`` x ``crop`` crop of every image, float (N, 3, crop, crop) in [0, 1]."""
+    n, h, w, _ = images.shape
     if crop > min(h, w):
         raise ValueError(f"crop size {crop} is larger than the images ({h}x{w})")
-    idx = rng.integers(0, len(images), n)
     ys, xs = rng.integers(0, h - crop + 1, n), rng.integers(0, w - crop + 1, n)
-    out = np.stack([images[i, y:y + crop, x:x + crop] for i, y, x in zip(idx, ys, xs)])
-    return to_unit(out)
+    return to_unit(np.stack([im[y:y + crop, x:x + crop] for im, y, x in zip(images, ys, xs)]))
+
+
+def random_crops(images: np.ndarray, n: int, crop: int, rng: np.random.Generator) -> torch.Tensor:
+    """``n`` random ``crop`` x ``crop`` crops of random images, float (n, 3, crop, crop) in [0, 1]."""
+    return crop_each(images[rng.integers(0, len(images), n)], crop, rng)
 
 
 class CropBatches:
