@@ -41,10 +41,15 @@ def test_embeddings_parquet(smoke_run):
     assert _manifest(smoke_run, "filter")["metrics"]["kept"] == table.num_rows
 
 
-def test_embed_rerun_replaces(smoke_run, capsys):
-    folder = smoke_run / "embed" / "embeddings"
+def test_embed_rerun_replaces(smoke_run, tmp_path, capsys):
+    import shutil
+
+    # a copy: re-running embed in the shared smoke run would make every stage after it stale
+    run_dir = tmp_path / "run"
+    shutil.copytree(smoke_run, run_dir)
+    folder = run_dir / "embed" / "embeddings"
     before = {f: eio.read_file(f).num_rows for f in eio.list_files(str(folder))}
-    assert main(["stage", "embed", "--force", "preset=smoke", f"run_dir={smoke_run}"]) == 0
+    assert main(["stage", "embed", "--force", "preset=smoke", f"run_dir={run_dir}"]) == 0
     after = {f: eio.read_file(f).num_rows for f in eio.list_files(str(folder))}
     assert before == after
 
