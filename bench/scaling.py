@@ -7,7 +7,7 @@ samples per step. Throughput is timed inside the workers after warm-up steps (no
 
 The embed stage's 1 vs 2 actors are in bench.pipeline_stages.
 
-    .venv/bin/python -m bench.scaling [--quick] [--num-cpus 2]
+    .venv/bin/python -m bench.scaling [--quick] [--num-cpus 2] [--workers 1 2 4 8]
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ def train_loop(config: dict[str, Any]) -> None:
     training.seed_everything(session.rank)
     s = M.tiny_sizes()
     model = ray.train.torch.prepare_model(M.make_prior(s))
+    device = ray.train.torch.get_device()
     cfg = LoopConfig(total_steps=int(config["steps"]), lr=1e-4, warmup_steps=1, log_every=10**6,
                      checkpoint_every=10**6, ema_decay=0.999)
     opt = make_optimizer(model, cfg)
@@ -51,7 +52,7 @@ def train_loop(config: dict[str, Any]) -> None:
     def batches(epoch: int):
         for _ in range(cfg.total_steps):
             stamps.append(time.perf_counter())
-            yield M.prior_batch(s, int(config["batch"]), g)
+            yield {k: v.to(device) for k, v in M.prior_batch(s, int(config["batch"]), g).items()}
 
     def step_loss(m, b):
         return unwrap(m).losses(b["z_i"], b["tokens"], b["mask"], b["z_t"], g, net=m)
@@ -72,7 +73,10 @@ def run_workers(num_workers: int, steps: int, batch: int, threads: int, tmp: str
 
     run_dir = os.path.join(tmp, f"w{num_workers}")
     os.makedirs(run_dir)
-    cfg = load_config(["preset=tiny", f"run_dir={run_dir}"])
+    import ray
+
+    gpus = int(ray.cluster_resources().get("GPU", 0))  # a GPU cluster: one GPU under each worker
+    cfg = load_config(["preset=tiny", f"run_dir={run_dir}"] + ([f"ray.num_gpus={gpus}"] if gpus else []))
     ctx = StageContext(cfg=cfg, name="prior", stage_dir=os.path.join(run_dir, "prior"), upstream={})
     t0 = time.perf_counter()
     training.fit(ctx, train_loop, {"steps": steps, "batch": batch, "threads": threads,
@@ -87,15 +91,15 @@ def run_workers(num_workers: int, steps: int, batch: int, threads: int, tmp: str
 
 
 def run(quick: bool = False, threads: int = 1, out: str | None = None,
-        num_cpus: int = 2) -> dict[str, Any]:
+        num_cpus: int = 2, workers: tuple[int, ...] = (1, 2)) -> dict[str, Any]:
     from bench import models as M
 
     batch = M.tiny_sizes().prior_batch
     steps = WARMUP_STEPS + (5 if quick else 20)
     rows = []
     with tempfile.TemporaryDirectory(prefix="unclip-bench-") as tmp, common.local_ray(num_cpus):
-        for workers in (1, 2):
-            rows.append(run_workers(workers, steps, batch, threads, tmp))
+        for n in workers:
+            rows.append(run_workers(n, steps, batch, threads, tmp))
     base = rows[0]["samples_per_s"]
     for r in rows:
         r["speedup_vs_1"] = r["samples_per_s"] / base
@@ -114,8 +118,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     common.add_common_args(p)
     p.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray")
+    p.add_argument("--workers", type=int, nargs="+", default=[1, 2],
+                   help="Ray Train worker counts to compare (the first is the baseline)")
     a = p.parse_args(argv)
-    run(a.quick, a.threads, a.out, a.num_cpus)
+    run(a.quick, a.threads, a.out, a.num_cpus, tuple(a.workers))
     return 0
 
 
