@@ -53,3 +53,52 @@ def test_brief_outage_mid_run_is_retried(mlflow_server, monkeypatch):
     assert time.monotonic() - t0 > 2.5 and restarted.wait(60)
     history = client.get_metric_history(run.info.run_id, "loss")
     assert [(m.step, m.value) for m in history] == [(7, 0.5)]
+
+
+def test_server_down_mid_training_stage_loses_no_metric(mlflow_server, smoke_run, tmp_path):
+    """The tracking server goes down while the prior stage trains and comes back seconds later: the
+    worker's metric logging retries through it, the stage finishes, and every logged step is there."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from mlflow import MlflowClient
+
+    from pipelines.manifest import read_manifest
+    from stages.training import latest_persisted
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(smoke_run, run_dir, ignore=shutil.ignore_patterns("prior", "prior-*"))
+    total = 400
+    overrides = ["preset=smoke", f"run_dir={run_dir}", f"prior.train.total_steps={total}",
+                 "prior.train.checkpoint_every=20", "prior.train.log_every=10"]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server.uri, "TQDM_DISABLE": "1",
+           "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines", "run", "--until", "prior", *overrides],
+                            cwd=Path(__file__).resolve().parents[1], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    down_at = -1
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            folders = list((run_dir / "checkpoints").glob("prior-*"))
+            if folders and latest_persisted(str(folders[0]))[0] >= 20:
+                down_at = latest_persisted(str(folders[0]))[0]
+                mlflow_server.stop()
+                break
+            time.sleep(0.1)
+        assert proc.poll() is None and 20 <= down_at < total, "the stage was not training"
+        time.sleep(3.0)
+        assert proc.poll() is None  # the stage cannot finish while its tracking server is down
+    finally:
+        if mlflow_server.proc is None:
+            mlflow_server.start()
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-3000:]
+    assert "could not log metrics" not in out
+    m = read_manifest(str(run_dir), "prior")
+    assert m.metrics["trained_steps"] == total
+    history = MlflowClient(mlflow_server.uri).get_metric_history(m.mlflow_run_id, "train_loss")
+    assert sorted(h.step for h in history if h.step > 0) == list(range(10, total + 1, 10))
