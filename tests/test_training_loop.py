@@ -66,7 +66,7 @@ def test_loop_learns_reports_and_evaluates():
     assert evals == [40, 80, 120]
 
 
-def test_nonfinite_steps_are_skipped_then_stop():
+def test_nonfinite_steps_are_skipped_then_stop(caplog):
     model, opt, ema, cfg = _setup(total=30, max_nonfinite_steps=3)
     calls = {"n": 0}
 
@@ -78,8 +78,11 @@ def test_nonfinite_steps_are_skipped_then_stop():
         return out
 
     before = [p.clone() for p in model.parameters()]
-    train(RecordingSession(), model, opt, ema, _batches, sometimes_nan, cfg)
+    with caplog.at_level("WARNING", logger="unclip"):
+        train(RecordingSession(), model, opt, ema, _batches, sometimes_nan, cfg)
     assert calls["n"] == 32  # two skipped steps did not count
+    warned = [r.getMessage() for r in caplog.records if "step skipped" in r.getMessage()]
+    assert len(warned) == 2 and "non-finite loss" in warned[0], warned
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
 

@@ -4,6 +4,7 @@ periodic evaluation and checkpoints. Framework-free: Ray Train enters through ``
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from contextlib import nullcontext
@@ -13,6 +14,8 @@ from typing import Any, Callable, Iterable, Mapping, Protocol
 import torch
 
 from unclip.training.state import EMA, unwrap
+
+log = logging.getLogger("unclip")
 
 
 @dataclass
@@ -125,6 +128,8 @@ def train(session: Session, model: torch.nn.Module, optimizer: torch.optim.Optim
                 if scaler:
                     scaler.update()
                 if session.is_main:
+                    log.warning("non-finite loss or gradients at step %d: step skipped (%d in a row, "
+                                "stopping at %d)", step + 1, bad, cfg.max_nonfinite_steps)
                     session.progress(step, cfg.total_steps, {"skipped_nonfinite": float(bad)})
                 if bad >= cfg.max_nonfinite_steps:
                     raise NonFiniteLossError(
