@@ -86,6 +86,30 @@ def test_conditioning_paths_and_null_embeddings():
     assert not torch.allclose(off(x, t, z), off(x, t, other_z), atol=1e-5)
 
 
+@torch.no_grad()
+def test_final_caption_token_joins_the_timestep_embedding():
+    """GLIDE's global caption path: the last unmasked token (the null token when dropped), and the
+    class-embedding MLP reads it beside z_i; without it only z_i."""
+    m = _model().eval()
+    x, t, z, text = _inputs()
+    _, ctx, mask = m.context(z, text.states, text.mask, None, None)
+    last = m.final_caption_token(ctx, mask)
+    torch.testing.assert_close(last, ctx[torch.arange(3), torch.tensor([1, 4, 0])])
+    yes = torch.ones(3, dtype=torch.bool)
+    _, ctx, mask = m.context(z, text.states, text.mask, None, yes)
+    torch.testing.assert_close(m.final_caption_token(ctx, mask), ctx[:, 0])
+    assert m.unet.class_embedding.linear_1.in_features == CLIP_DIM + 32
+    assert _model(caption_in_time=False).unet.class_embedding.linear_1.in_features == CLIP_DIM
+    assert _model(use_caption=False).unet.class_embedding.linear_1.in_features == CLIP_DIM
+    # what the class-embedding MLP receives in a forward pass: [z_i, the final caption token]
+    seen = []
+    hook = m.unet.class_embedding.register_forward_hook(lambda mod, inp, out: seen.append(inp[0]))
+    m(x, t, z, text.states, text.mask)
+    hook.remove()
+    _, ctx, mask = m.context(z, text.states, text.mask, None, None)
+    torch.testing.assert_close(seen[0], torch.cat([z, m.final_caption_token(ctx, mask)], 1))
+
+
 def test_dropout_rates_and_every_parameter_trains():
     drop_clip, drop_caption = dropout_masks(20000, 0.1, 0.5, torch.Generator().manual_seed(0))
     assert abs(drop_clip.float().mean() - 0.1) < 0.01 and abs(drop_caption.float().mean() - 0.5) < 0.02

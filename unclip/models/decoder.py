@@ -6,7 +6,8 @@ context tokens appended to the caption's token encodings, which every attention 
 (GLIDE's "encoder_kv": the context's keys and values are concatenated to the image's own, diffusers'
 ``SimpleCrossAttn`` blocks). The caption is optional (``use_caption``). For classifier-free guidance
 both conditions can be replaced per sample by learned null embeddings: the trainer drops z_i 10%
-and the caption 50% of the time.
+and the caption 50% of the time. As in GLIDE, the caption's final token also joins z_i in the
+timestep embedding (``caption_in_time``): a global path for the caption beside cross-attention.
 
 The model maps ``(x_t, t, conditioning) -> output``; the diffusion maths lives in
 :mod:`unclip.diffusion`, sampling in :mod:`unclip.models.decoder_sampling`.
@@ -39,6 +40,9 @@ class DecoderConfig:
     context_dim: int = 512               # width of the context tokens (caption + 4 CLIP tokens)
     num_clip_tokens: int = 4             # extra context tokens projected from z_i (the paper: 4)
     use_caption: bool = True             # condition on the caption's token states at all
+    # GLIDE also adds the caption's final token state (projected) to the timestep embedding, beside
+    # z_i: a global path for the caption besides cross-attention.
+    caption_in_time: bool = True
     learn_variance: bool = True          # 6 output channels (mean + variance interpolation)
     dropout: float = 0.0
     norm_groups: int = 32
@@ -110,7 +114,9 @@ def build_unet(cfg: DecoderConfig):
         attention_head_dim=cfg.head_channels,
         resnet_time_scale_shift="scale_shift",
         class_embed_type="projection",
-        projection_class_embeddings_input_dim=cfg.clip_dim,
+        # the class embedding MLP reads [z_i, final caption token] (or z_i alone)
+        projection_class_embeddings_input_dim=cfg.clip_dim + (
+            cfg.context_dim if cfg.use_caption and cfg.caption_in_time else 0),
     )
 
 
@@ -183,11 +189,19 @@ class Decoder(nn.Module):
         if x_t.ndim != 4 or x_t.shape[1] != 3 or x_t.shape[2:] != (side, side):
             raise ValueError(f"x_t must be (B, 3, {side}, {side}), got {tuple(x_t.shape)}")
         z, ctx, mask = self.context(image_embed, text_states, text_mask, drop_clip, drop_caption)
+        if self.cfg.use_caption and self.cfg.caption_in_time:
+            z = torch.cat([z, self.final_caption_token(ctx, mask)], 1)
         p = self.cfg.patch_size
         x = nn.functional.pixel_unshuffle(x_t, p) if p > 1 else x_t
         out = self.unet(x, t, encoder_hidden_states=ctx, class_labels=z,
                         encoder_attention_mask=mask).sample
         return nn.functional.pixel_shuffle(out, p) if p > 1 else out
+
+    def final_caption_token(self, ctx: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The last unmasked caption token of the context (the null token when dropped)."""
+        n_text = ctx.shape[1] - self.cfg.num_clip_tokens
+        last = mask[:, :n_text].long().cumsum(1).argmax(1)  # index of the last True
+        return ctx[torch.arange(ctx.shape[0], device=ctx.device), last]
 
     # ---- files --------------------------------------------------------------------------------
 
