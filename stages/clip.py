@@ -21,7 +21,7 @@ from stages import training
 from unclip import storage
 from unclip.data.loading import iter_decoded
 from unclip.data.shards import list_shards
-from unclip.eval.retrieval import recall_at_k
+from unclip.eval.retrieval import recall_at_k, zero_shot_attributes
 from unclip.models.clip import ClipEncoder, create_custom, load_clip
 from unclip.registry import register_checkpoint, resolve_checkpoint
 
@@ -89,7 +89,11 @@ def _train(ctx: StageContext) -> StageResult:
                  f"(chance {final.get('val_chance_at_1', float('nan')):.3f}), recall@5 "
                  f"{final.get('val_recall_at_5', float('nan')):.3f} "
                  f"(chance {final.get('val_chance_at_5', float('nan')):.3f}); "
-                 f"registered {c.register_name} v{version} as {alias}"),
+                 + (f"zero-shot colour {final['val_zeroshot_color']:.2f} (chance "
+                    f"{final['val_zeroshot_color_chance']:.2f}), shape {final['val_zeroshot_shape']:.2f} "
+                    f"(chance {final['val_zeroshot_shape_chance']:.2f}); "
+                    if "val_zeroshot_shape" in final else "")
+                 + f"registered {c.register_name} v{version} as {alias}"),
     )
 
 
@@ -104,20 +108,26 @@ def _cache_decoded(ctx: StageContext, size: int) -> bool:
 
 
 def evaluate(model: torch.nn.Module, holdout: dict[str, Any], batch_size: int = 256) -> dict[str, float]:
-    """Held-out image->text recall@1/@5 (text-level) and the chance level of each."""
+    """Held-out image->text recall@1/@5 (text-level) and the chance level of each; on synthetic
+    shapes captions also zero-shot colour and shape of single objects."""
     from open_clip.tokenizer import SimpleTokenizer
 
     model.eval()
     tok = SimpleTokenizer(context_length=int(model.context_length))
-    img, txt = [], []
+
+    def encode_text(captions: list[str]) -> np.ndarray:
+        return torch.cat([F.normalize(model.encode_text(tok(captions[i:i + batch_size])), dim=-1)
+                          for i in range(0, len(captions), batch_size)]).numpy()
+
+    img = []
     with torch.no_grad():
         for i in range(0, len(holdout["captions"]), batch_size):
             img.append(F.normalize(model.encode_image(to_model_input(
                 holdout["images"][i:i + batch_size])), dim=-1))
-            txt.append(F.normalize(model.encode_text(tok(holdout["captions"][i:i + batch_size])),
-                                   dim=-1))
+        image_emb = torch.cat(img).numpy()
+        r = recall_at_k(image_emb, encode_text(list(holdout["captions"])), holdout["captions"])
+        r.update(zero_shot_attributes(image_emb, holdout["captions"], encode_text))
     model.train()
-    r = recall_at_k(torch.cat(img).numpy(), torch.cat(txt).numpy(), holdout["captions"])
     return {f"val_{k}": v for k, v in r.items()}
 
 
