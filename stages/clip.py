@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from pipelines.config import to_container
 from pipelines.context import StageContext, StageResult
 from stages import training
-from unclip import storage
 from unclip.data.loading import iter_decoded
 from unclip.data.shards import list_shards
 from unclip.eval.retrieval import recall_at_k, zero_shot_attributes

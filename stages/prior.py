@@ -18,7 +18,6 @@ import math
 from typing import Any, Iterable, Iterator
 
 import numpy as np
-import ray
 import torch
 
 from pipelines.config import to_container

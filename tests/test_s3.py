@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import S3_SECRET, make_bucket, write_raw_tar
+from conftest import S3_SECRET, make_bucket
 
 ROOT = Path(__file__).resolve().parents[1]
 
