@@ -69,7 +69,7 @@ def test_server_down_mid_training_stage_loses_no_metric(mlflow_server, smoke_run
 
     run_dir = tmp_path / "run"
     shutil.copytree(smoke_run, run_dir, ignore=shutil.ignore_patterns("prior", "prior-*"))
-    total = 400
+    total = 200
     overrides = ["preset=smoke", f"run_dir={run_dir}", f"prior.train.total_steps={total}",
                  "prior.train.checkpoint_every=20", "prior.train.log_every=10"]
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server.uri, "TQDM_DISABLE": "1",
