@@ -113,17 +113,18 @@ def evaluate(model: torch.nn.Module, holdout: dict[str, Any], batch_size: int = 
 
     model.eval()
     tok = SimpleTokenizer(context_length=int(model.context_length))
+    device = next(model.parameters()).device  # a GPU worker's model: inputs go there, outputs back
 
     def encode_text(captions: list[str]) -> np.ndarray:
-        return torch.cat([F.normalize(model.encode_text(tok(captions[i:i + batch_size])), dim=-1)
-                          for i in range(0, len(captions), batch_size)]).numpy()
+        return torch.cat([F.normalize(model.encode_text(tok(captions[i:i + batch_size]).to(device)), dim=-1)
+                          for i in range(0, len(captions), batch_size)]).cpu().numpy()
 
     img = []
     with torch.no_grad():
         for i in range(0, len(holdout["captions"]), batch_size):
             img.append(F.normalize(model.encode_image(to_model_input(
-                holdout["images"][i:i + batch_size])), dim=-1))
-        image_emb = torch.cat(img).numpy()
+                holdout["images"][i:i + batch_size]).to(device)), dim=-1))
+        image_emb = torch.cat(img).cpu().numpy()
         r = recall_at_k(image_emb, encode_text(list(holdout["captions"])), holdout["captions"])
         r.update(zero_shot_attributes(image_emb, holdout["captions"], encode_text))
     model.train()

@@ -109,7 +109,7 @@ def test_clip_learns(tmp_path, ray_local):
     assert main(["stage", "clip", "preset=smoke", f"run_dir={run_dir}", "data.num_samples=480",
                  "clip.train.epochs=8", "clip.train.batch_size=32",
                  "clip.train.holdout_fraction=0.25"]) == 2  # needs its inputs first
-    assert main(["run", "preset=smoke", f"run_dir={run_dir}", "data.num_samples=480",
+    assert main(["run", "--until", "clip", "preset=smoke", f"run_dir={run_dir}", "data.num_samples=480",
                  "clip.train.epochs=8", "clip.train.batch_size=32",
                  "clip.train.holdout_fraction=0.25"]) == 0
     m = _manifest(run_dir, "clip")["metrics"]
