@@ -8,7 +8,8 @@ measures both feeds). Caption token states come from the frozen CLIP text tower,
 Evaluation on rank 0 decodes the true embeddings of fixed held-out images (the same held-out keys as
 every stage) with the configured sampler and guidance, and scores them: the shapes detector against
 each image's ground-truth scene (beside a mismatched-scene baseline) and the CLIP cosine to the
-embedding decoded (beside mismatched pairs). A grid of true | decoded images goes to MLflow every
+embedding decoded (beside mismatched pairs). How far dropping z_i or the caption moves the model's
+x0 predictions at high noise shows whether it uses each condition yet. A grid of true | decoded images goes to MLflow every
 ``eval.grid_every`` steps and at the end. The EMA weights are saved and registered with an alias.
 """
 
@@ -31,7 +32,7 @@ from unclip import storage
 from unclip.data.paired import PairedRows, iter_paired
 from unclip.data.shards import list_shards
 from unclip.diffusion import DiffusionConfig, GaussianDiffusion
-from unclip.eval.decoding import clip_cosines, detector_scores, scene_of
+from unclip.eval.decoding import clip_cosines, conditioning_effects, detector_scores, scene_of
 from unclip.models.decoder import Decoder, DecoderConfig, dropout_masks
 from unclip.registry import register_checkpoint
 
@@ -116,6 +117,9 @@ def _summary(m: dict[str, float], version: str, alias: str, name: str) -> str:
         parts.append("detector " + ", ".join(
             f"{k} {m.get('val_' + k, nan):.2f} (chance {m.get('chance_' + k, nan):.2f})"
             for k in ("color", "shape", "position", "binding")))
+    if "val_clip_effect" in m:
+        parts.append(f"x0 moves {m['val_clip_effect']:.3f} without z_i, "
+                     f"{m.get('val_caption_effect', nan):.3f} without the caption")
     parts.append(f"registered {name} v{version} as {alias}")
     return "; ".join(parts)
 
@@ -202,12 +206,22 @@ class Evaluator:
             training._say(f"[unclip] warning: could not log grid {name} to MLflow: "
                           f"{str(exc).splitlines()[0][:200]}")
 
+    def effects(self, model: Decoder, n: int) -> dict[str, float]:
+        """``val_clip_effect`` / ``val_caption_effect``: does the decoder use each condition yet."""
+        from unclip.models.decoder_sampling import caption_condition
+
+        text = caption_condition(self.clip, self.captions[:n]) if model.cfg.use_caption else None
+        out = conditioning_effects(model, self.images[:n], self.embeddings[:n], text,
+                                   seed=int(self.cfg["eval"]["seed"]))
+        return {"val_" + k: v for k, v in out.items()}
+
     def __call__(self, model: Decoder, step: int, final: bool) -> dict[str, float]:
         t0 = time.monotonic()
         n_grid = min(int(self.cfg["eval"]["grid_images"]), len(self.captions))
         decoded = self.decode(model, len(self.captions) if final else n_grid)
         self.grid(decoded[:n_grid], step)
         out = self.scores(decoded, "" if final else "grid_")
+        out.update({k if final else "grid_" + k: v for k, v in self.effects(model, n_grid).items()})
         self.seconds += time.monotonic() - t0
         return out
 

@@ -192,6 +192,26 @@ def test_decoding_is_deterministic_for_a_seed():
     assert invert(m, a, z, text, 5).shape == a.shape
 
 
+def test_conditioning_effects_show_which_condition_the_decoder_uses():
+    """Dropping a condition the model reads moves its x0 predictions; one it ignores moves nothing."""
+    from unclip.eval.decoding import conditioning_effects
+
+    x, _, z, text = _inputs(4)
+    images = to_uint8(x.clamp(-1, 1))
+    m = _model().train()
+    out = conditioning_effects(m, images, z.numpy(), text)
+    assert m.training  # left as it was
+    assert out["clip_effect"] > 1e-4 and out["caption_effect"] > 1e-4 and out["x0_mse"] > 0
+    with torch.no_grad():  # make z_i invisible: its tokens and its part of the class embedding
+        m.clip_tokens.weight.zero_()
+        m.unet.class_embedding.linear_1.weight[:, :CLIP_DIM] = 0
+    again = conditioning_effects(m, images, z.numpy(), text)
+    assert again["clip_effect"] == 0.0 and again["caption_effect"] > 1e-4
+    # no caption conditioning: no caption effect to report
+    alone = conditioning_effects(_model(use_caption=False), images, z.numpy(), None)
+    assert np.isnan(alone["caption_effect"]) and alone["clip_effect"] > 1e-4
+
+
 def test_checkpoint_round_trip(tmp_path):
     m = _model(learn_variance=False).eval()
     x, t, z, text = _inputs()
@@ -295,7 +315,8 @@ def test_decoder_stage_outputs(smoke_run):
     assert m is not None
     for k in ("val_clip_cosine", "val_clip_cosine_mismatched", "val_color", "chance_color",
               "val_shape", "val_binding", "train_loss", "train_mse", "train_steps_per_s",
-              "registered_version", "registered_alias", "n_train", "n_holdout"):
+              "registered_version", "registered_alias", "n_train", "n_holdout",
+              "val_clip_effect", "val_caption_effect", "val_x0_mse"):
         assert k in m.metrics, k
     assert np.isfinite(m.metrics["val_clip_cosine"]) and m.metrics["step"] == 30
     assert m.metrics["registered_alias"] in ("champion", "candidate")
