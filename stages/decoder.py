@@ -9,8 +9,9 @@ Evaluation on rank 0 decodes the true embeddings of fixed held-out images (the s
 every stage) with the configured sampler and guidance, and scores them: the shapes detector against
 each image's ground-truth scene (beside a mismatched-scene baseline) and the CLIP cosine to the
 embedding decoded (beside mismatched pairs). How far dropping z_i or the caption moves the model's
-x0 predictions at high noise shows whether it uses each condition yet. A grid of true | decoded images goes to MLflow every
-``eval.grid_every`` steps and at the end. The EMA weights are saved and registered with an alias.
+x0 predictions at high noise shows whether it uses each condition yet. A grid of true | decoded
+images goes to MLflow every ``eval.grid_every`` steps and at the end. The EMA weights are saved
+and registered with an alias.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from unclip.data.shards import list_shards
 from unclip.diffusion import DiffusionConfig, GaussianDiffusion
 from unclip.eval.decoding import clip_cosines, conditioning_effects, detector_scores, scene_of
 from unclip.models.decoder import Decoder, DecoderConfig, dropout_masks
+from unclip.models.decoder_sampling import TextCondition, caption_condition
 from unclip.registry import register_checkpoint
 
 log = logging.getLogger("unclip")
@@ -153,15 +155,20 @@ class Evaluator:
         scenes = [scene_of(m) for m in h["metas"]]
         self.scenes = scenes if all(s is not None for s in scenes) else None
         self.seconds = 0.0
+        # the held-out captions never change: their token states are computed once, not per eval
+        self.text = caption_condition(clip, self.captions) if config["model"]["use_caption"] else None
+
+    def text_for(self, n: int) -> TextCondition | None:
+        """Token states of the first ``n`` held-out captions (None without caption conditioning)."""
+        return None if self.text is None else TextCondition(self.text.states[:n], self.text.mask[:n])
 
     def decode(self, model: Decoder, n: int) -> np.ndarray:
-        from unclip.models.decoder_sampling import caption_condition, decode, to_uint8
+        from unclip.models.decoder_sampling import decode, to_uint8
 
         s, e = self.cfg["sampling"], self.cfg["eval"]
-        text = caption_condition(self.clip, self.captions[:n]) if model.cfg.use_caption else None
         gen = torch.Generator().manual_seed(int(e["seed"]))
-        x = decode(model, torch.from_numpy(self.embeddings[:n]), text, float(s["guidance_scale"]),
-                   str(s["sampler"]), int(s["steps"]), gen)
+        x = decode(model, torch.from_numpy(self.embeddings[:n]), self.text_for(n),
+                   float(s["guidance_scale"]), str(s["sampler"]), int(s["steps"]), gen)
         return to_uint8(x)
 
     def scores(self, decoded: np.ndarray, prefix: str = "") -> dict[str, float]:
@@ -208,10 +215,7 @@ class Evaluator:
 
     def effects(self, model: Decoder, n: int) -> dict[str, float]:
         """``val_clip_effect`` / ``val_caption_effect``: does the decoder use each condition yet."""
-        from unclip.models.decoder_sampling import caption_condition
-
-        text = caption_condition(self.clip, self.captions[:n]) if model.cfg.use_caption else None
-        out = conditioning_effects(model, self.images[:n], self.embeddings[:n], text,
+        out = conditioning_effects(model, self.images[:n], self.embeddings[:n], self.text_for(n),
                                    seed=int(self.cfg["eval"]["seed"]))
         return {"val_" + k: v for k, v in out.items()}
 
@@ -232,7 +236,7 @@ def train_loop(config: dict[str, Any]) -> None:
     import ray.train.torch
 
     from unclip.models.clip import load_clip
-    from unclip.models.decoder_sampling import caption_condition, from_uint8
+    from unclip.models.decoder_sampling import from_uint8
     from unclip.registry import resolve_checkpoint
     from unclip.training import loop
     from unclip.training.state import EMA, unwrap
