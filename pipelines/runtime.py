@@ -25,6 +25,18 @@ def cluster_address(cfg: DictConfig) -> str | None:
     return str(cfg.ray.address) if cfg.ray.address else None
 
 
+# Ray Train's placement-group cleaner asks the State API every second whether the controller still
+# lives; the State API is served by the dashboard, which the embedded Ray leaves off (no HTTP job
+# API on a user's machine), so it would log a warning a second for the whole training stage.
+_QUIET_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)
+
+
+def quiet_worker_logs() -> None:
+    """Runs in every worker process of the embedded Ray before its tasks and actors."""
+    for name in _QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def ensure_ray(cfg: DictConfig) -> None:
     import ray
 
@@ -44,6 +56,7 @@ def ensure_ray(cfg: DictConfig) -> None:
         log_to_driver=True,
         configure_logging=True,
         logging_level=logging.WARNING,
+        runtime_env={"worker_process_setup_hook": "pipelines.runtime.quiet_worker_logs"},
     )
 
 

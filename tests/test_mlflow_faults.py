@@ -96,6 +96,9 @@ def test_server_down_mid_training_stage_loses_no_metric(mlflow_server, smoke_run
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out[-3000:]
     assert "could not log metrics" not in out
+    # the embedded Ray has no dashboard, so no State API: Ray Train's placement-group cleaner would
+    # warn every second that it cannot reach it (silenced by pipelines.runtime.quiet_worker_logs)
+    assert "Failed to query Ray Train Controller" not in out
     m = read_manifest(str(run_dir), "prior")
     assert m.metrics["trained_steps"] == total
     history = MlflowClient(mlflow_server.uri).get_metric_history(m.mlflow_run_id, "train_loss")
