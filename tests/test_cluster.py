@@ -57,6 +57,9 @@ def test_smoke_pipeline_on_cluster_mlflow_server_and_s3(ray_cluster, s3_server, 
         for stage in stages:  # every manifest on the bucket; every registered model on the server
             manifest = json.loads(fs.cat(f"unclip-prod/runs/smoke/{stage}/manifest.json"))
             assert all(uri.startswith(("s3://", "models:/")) for uri in manifest["outputs"].values())
+            missing = [u for u in manifest["outputs"].values() if u.startswith("s3://")
+                       and not fs.exists(u[len("s3://"):])]
+            assert not missing, f"{stage}: outputs named in its manifest are not on S3: {missing}"
             registered = manifest["outputs"].get("registered")
             if registered:
                 name = registered.split("/")[1]

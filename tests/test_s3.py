@@ -20,9 +20,10 @@ def test_pipeline_on_s3(s3_server, tmp_path):
     make_bucket(s3_server, "unclip-test")
     env = {**os.environ, **s3_server, "TQDM_DISABLE": "1"}
     run_dir = "s3://unclip-test/runs/smoke"
-    # through embed: shards, Ray Train checkpoints, a model, Parquet and MLflow artifacts all on
-    # S3; the whole pipeline on S3 (with a Ray cluster and an mlflow server) is test_cluster's
-    args = [sys.executable, "-m", "pipelines", "run", "--until", "embed", "preset=smoke", f"run_dir={run_dir}",
+    # through filter: shards, Parquet indexes, manifests and the embedded MLflow store's artifacts
+    # on S3. Models, Ray Train checkpoints and embeddings on S3 (every stage, with a Ray cluster and
+    # an mlflow server) are test_cluster's: the same storage code, so not run twice (~40 s of CI).
+    args = [sys.executable, "-m", "pipelines", "run", "--until", "filter", "preset=smoke", f"run_dir={run_dir}",
             f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db", "ray.num_cpus=2"]
     done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -38,11 +39,6 @@ def test_pipeline_on_s3(s3_server, tmp_path):
     assert manifest["outputs"]["shards"] == f"{run_dir}/filter/shards"
     assert manifest["metrics"]["kept"] > 0
     assert fs.exists("unclip-test/runs/smoke/filter/drop_counts.parquet")
-    # CLIP training (Ray Train checkpoints included) and the embeddings live on the bucket too
-    assert fs.exists("unclip-test/runs/smoke/clip/model/model.safetensors")
-    assert fs.find("unclip-test/runs/smoke/checkpoints")
-    assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls("unclip-test/runs/smoke/embed/embeddings")) == \
-        ["00000.parquet", "00001.parquet", "00002.parquet"]
     # the MLflow artifacts of the run went to the bucket as well
     assert fs.find("unclip-test/runs/smoke/mlartifacts")
 
