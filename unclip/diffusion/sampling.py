@@ -67,7 +67,8 @@ def sample(denoise: Denoiser, shape: tuple[int, ...], cfg: DiffusionConfig, samp
         out = denoise(sched.scale_model_input(x, t), tb)
         if cfg.learn_variance and sampler in ("ddim", "dpm"):  # they use the mean part only
             out = out[:, :channels]
-        kwargs = {"eta": eta, "generator": generator} if sampler == "ddim" else {"generator": generator}
+        kwargs = ({"eta": eta, "generator": generator, "use_clipped_model_output": True}
+                  if sampler == "ddim" else {"generator": generator})
         x = sched.step(out.to(x.dtype), t, x, **kwargs).prev_sample
         if progress is not None:
             progress(i + 1, len(sched.timesteps))
