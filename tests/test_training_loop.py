@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from unclip.training.loop import LoopConfig, NonFiniteLossError, lr_at, make_optimizer, train
+from unclip.training.loop import (LoopConfig, NonFiniteLossError, autocast_for, lr_at, make_optimizer,
+                                  train)
 from unclip.training.state import EMA
 
 
@@ -64,6 +65,21 @@ def test_loop_learns_reports_and_evaluates():
     assert final["val_mse"] < 0.05
     assert [meta["step"] for _, meta in session.reports] == [50, 100, 120]
     assert evals == [40, 80, 120]
+
+
+def test_bf16_on_cpu_only_when_asked_and_it_still_learns():
+    x = torch.randn(4, 8)
+    for amp, dtype in (("auto", torch.float32), ("off", torch.float32), ("bf16", torch.bfloat16)):
+        autocast, scaler = autocast_for(torch.device("cpu"), amp)
+        with autocast:
+            assert torch.nn.Linear(8, 2)(x).dtype == dtype and scaler is None
+    with pytest.raises(ValueError, match="amp must be"):
+        autocast_for(torch.device("cpu"), "int8")
+    model, opt, ema, cfg = _setup(amp="bf16")
+    session = RecordingSession()
+    train(session, model, opt, ema, _batches, _mse, cfg)
+    losses = [m["train_loss"] for _, m in session.logged if "train_loss" in m]
+    assert losses[-1] < 0.02 * losses[0] and model.weight.dtype == torch.float32
 
 
 def test_nonfinite_steps_are_skipped_then_stop(caplog):
