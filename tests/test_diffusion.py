@@ -92,6 +92,26 @@ def test_training_targets_are_zero_loss_for_the_exact_model():
         torch.testing.assert_close(gd.predict_x0(target, x_t, t), x0, atol=2e-3, rtol=0)
 
 
+def test_min_snr_weighting_counts_an_x0_error_min_snr_gamma_times_in_every_parameterization():
+    x0 = torch.rand(64, 3, 4, 4) * 2 - 1
+    noise = torch.randn_like(x0)
+    t = torch.arange(0, 1000, 1000 // 64)[:64]
+    delta = 0.1 * torch.randn_like(x0)
+    for p in ("epsilon", "sample", "v_prediction"):
+        gd = GaussianDiffusion(DiffusionConfig(prediction_type=p, min_snr_gamma=5.0))
+        a, s = gd.sqrt_ac[t].float().view(-1, 1, 1, 1), gd.sqrt_1m_ac[t].float().view(-1, 1, 1, 1)
+        x_t = gd.q_sample(x0, t, noise)
+        x0_hat = x0 + delta  # the model's x0 is off by delta; its other outputs agree with x_t
+        out = gd.target(x0_hat, (x_t - a * x0_hat) / s, t)
+        losses = gd.training_losses(lambda x, tt: out, x0, t=t, noise=noise)
+        snr = (a / s).pow(2).flatten()
+        expected = snr.clamp(max=5.0) * delta.pow(2).mean(dim=(1, 2, 3))
+        torch.testing.assert_close(losses["loss"], expected, rtol=2e-3, atol=1e-6)
+        assert not torch.allclose(losses["mse"], expected)  # the logged MSE stays unweighted
+    with pytest.raises(ValueError, match="min_snr_gamma"):
+        DiffusionConfig.from_dict({"min_snr_gamma": -1})
+
+
 def test_learned_variance_bound_is_smallest_near_the_true_posterior():
     """The VLB term is a KL that vanishes when the predicted variance is the posterior's."""
     cfg = DiffusionConfig(learn_variance=True)

@@ -20,6 +20,11 @@ class DiffusionConfig:
     vlb_weight: float = 0.001
     # Clamp predicted x0 to [-1, 1] while sampling (images: yes; CLIP embeddings: no).
     clip_sample: bool = True
+    # Min-SNR-gamma loss weighting (Hang et al., 2023): 0 keeps the plain MSE of the prediction
+    # target; gamma > 0 weights each timestep's MSE so that, measured as an error on x0, its
+    # weight is min(SNR_t, gamma), whatever the parameterization. It stops the many easy low-noise
+    # steps from outvoting the high- and mid-noise ones where layout and shape are decided.
+    min_snr_gamma: float = 0.0
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> "DiffusionConfig":
@@ -28,7 +33,10 @@ class DiffusionConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown diffusion option(s) {unknown}; known: {sorted(known)}")
-        return cls(**d)
+        cfg = cls(**d)
+        if cfg.min_snr_gamma < 0:
+            raise ValueError(f"min_snr_gamma must be >= 0 (0: off), got {cfg.min_snr_gamma}")
+        return cfg
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
