@@ -97,12 +97,16 @@ def test_min_snr_weighting_counts_an_x0_error_min_snr_gamma_times_in_every_param
     noise = torch.randn_like(x0)
     t = torch.arange(0, 1000, 1000 // 64)[:64]
     delta = 0.1 * torch.randn_like(x0)
-    for p in ("epsilon", "sample", "v_prediction"):
-        gd = GaussianDiffusion(DiffusionConfig(prediction_type=p, min_snr_gamma=5.0))
+    for p, learned in (("epsilon", False), ("sample", False), ("v_prediction", False),
+                       ("v_prediction", True)):
+        gd = GaussianDiffusion(DiffusionConfig(prediction_type=p, min_snr_gamma=5.0,
+                                               learn_variance=learned, vlb_weight=0.0))
         a, s = gd.sqrt_ac[t].float().view(-1, 1, 1, 1), gd.sqrt_1m_ac[t].float().view(-1, 1, 1, 1)
         x_t = gd.q_sample(x0, t, noise)
         x0_hat = x0 + delta  # the model's x0 is off by delta; its other outputs agree with x_t
         out = gd.target(x0_hat, (x_t - a * x0_hat) / s, t)
+        if learned:  # the hybrid loss weights its MSE part alike (the bound's weight is 0 here)
+            out = torch.cat([out, torch.zeros_like(out)], 1)
         losses = gd.training_losses(lambda x, tt: out, x0, t=t, noise=noise)
         snr = (a / s).pow(2).flatten()
         expected = snr.clamp(max=5.0) * delta.pow(2).mean(dim=(1, 2, 3))

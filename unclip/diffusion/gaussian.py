@@ -114,7 +114,7 @@ class GaussianDiffusion:
             # The bound trains only the variance: the mean is frozen (improved DDPM, Sec. 3.1).
             vlb = self.vlb_terms(mean_out.detach(), var_values, x0, x_t, t)
             losses["vlb"] = vlb
-            losses["loss"] = mse + self.cfg.vlb_weight * self.num_timesteps * vlb
+            losses["loss"] = losses["loss"] + self.cfg.vlb_weight * self.num_timesteps * vlb
         return losses
 
     def loss_weight(self, t: torch.Tensor) -> torch.Tensor:
