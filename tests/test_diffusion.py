@@ -114,6 +114,8 @@ def test_min_snr_weighting_counts_an_x0_error_min_snr_gamma_times_in_every_param
         assert not torch.allclose(losses["mse"], expected)  # the logged MSE stays unweighted
     with pytest.raises(ValueError, match="min_snr_gamma"):
         DiffusionConfig.from_dict({"min_snr_gamma": -1})
+    with pytest.raises(ValueError, match="min_snr_gamma"):
+        DiffusionConfig(min_snr_gamma=-1)
 
 
 def test_learned_variance_bound_is_smallest_near_the_true_posterior():

@@ -26,6 +26,10 @@ class DiffusionConfig:
     # steps from outvoting the high- and mid-noise ones where layout and shape are decided.
     min_snr_gamma: float = 0.0
 
+    def __post_init__(self) -> None:
+        if self.min_snr_gamma < 0:
+            raise ValueError(f"min_snr_gamma must be >= 0 (0: off), got {self.min_snr_gamma}")
+
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> "DiffusionConfig":
         d = dict(d or {})
@@ -33,10 +37,7 @@ class DiffusionConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown diffusion option(s) {unknown}; known: {sorted(known)}")
-        cfg = cls(**d)
-        if cfg.min_snr_gamma < 0:
-            raise ValueError(f"min_snr_gamma must be >= 0 (0: off), got {cfg.min_snr_gamma}")
-        return cfg
+        return cls(**d)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

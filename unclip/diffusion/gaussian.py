@@ -44,6 +44,17 @@ class GaussianDiffusion:
                                                       self.posterior_variance[1:]]))
         self.posterior_coef_x0 = betas * ac_prev.sqrt() / (1 - ac)
         self.posterior_coef_xt = (1 - ac_prev) * (1 - betas).sqrt() / (1 - ac)
+        self.loss_weights = self._min_snr_weights(ac) if cfg.min_snr_gamma else None
+
+    def _min_snr_weights(self, ac: torch.Tensor) -> torch.Tensor:
+        """Min-SNR-gamma weight of the target's MSE per timestep: an x0 error counts min(SNR, gamma)
+        times its square. The plain MSE of epsilon counts it SNR times, of v SNR + 1, of x0 once."""
+        snr = ac / (1 - ac)
+        implied = {"epsilon": snr, "sample": torch.ones_like(snr), "v_prediction": snr + 1}
+        p = self.cfg.prediction_type
+        if p not in implied:
+            raise ValueError(f"unknown prediction_type {p!r} (epsilon | sample | v_prediction)")
+        return (snr.clamp(max=self.cfg.min_snr_gamma) / implied[p]).float()
 
     # ---- forward process ------------------------------------------------------------------
 
@@ -108,22 +119,14 @@ class GaussianDiffusion:
         mean_out, var_values = self.split(out, x0.shape[1])
         dims = tuple(range(1, x0.ndim))
         mse = (mean_out.float() - self.target(x0, noise, t).float()).pow(2).mean(dim=dims)
-        losses = {"mse": mse, "loss": mse * self.loss_weight(t).to(mse.device)
-                  if self.cfg.min_snr_gamma else mse}
+        weighted = mse if self.loss_weights is None else mse * self.loss_weights[t.cpu()].to(mse.device)
+        losses = {"mse": mse, "loss": weighted}
         if var_values is not None:
             # The bound trains only the variance: the mean is frozen (improved DDPM, Sec. 3.1).
             vlb = self.vlb_terms(mean_out.detach(), var_values, x0, x_t, t)
             losses["vlb"] = vlb
             losses["loss"] = losses["loss"] + self.cfg.vlb_weight * self.num_timesteps * vlb
         return losses
-
-    def loss_weight(self, t: torch.Tensor) -> torch.Tensor:
-        """Min-SNR-gamma weight of the target's MSE at ``t``: an x0 error counts min(SNR, gamma)
-        times its square. The plain MSE of epsilon counts it SNR times, of v SNR + 1, of x0 once."""
-        snr = (self.alphas_cumprod / (1 - self.alphas_cumprod))[t.cpu()]
-        implied = {"epsilon": snr, "sample": torch.ones_like(snr),
-                   "v_prediction": snr + 1}[self.cfg.prediction_type]
-        return (snr.clamp(max=self.cfg.min_snr_gamma) / implied).float()
 
     def p_mean_log_var(self, mean_out: torch.Tensor, var_values: torch.Tensor, x_t: torch.Tensor,
                        t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
