@@ -33,7 +33,8 @@ from unclip import storage
 from unclip.data.paired import PairedRows, iter_paired
 from unclip.data.shards import list_shards
 from unclip.diffusion import DiffusionConfig, GaussianDiffusion
-from unclip.eval.decoding import clip_cosines, conditioning_effects, detector_scores, scene_of
+from unclip.eval.decoding import (clip_cosines, conditioning_effects, detector_scores,
+                                  nearest_by_embedding, scene_of)
 from unclip.models.decoder import Decoder, DecoderConfig, dropout_masks
 from unclip.models.decoder_sampling import TextCondition, caption_condition
 from unclip.registry import register_checkpoint
@@ -95,6 +96,8 @@ def run(ctx: StageContext) -> StageResult:
     folder = ctx.path("model")
     ema.model.save(folder, extra={"trained_steps": meta.get("step"), "metrics": final,
                                   "clip": clip.identity})
+    if bool(c.eval.neighbour_reference):
+        final.update(_neighbour_reference(train_ds, holdout, int(c.eval.detector_size)))
     metric_name = str(c.register_metric)
     if metric_name not in final or not np.isfinite(final[metric_name]):
         metric_name = "val_clip_cosine"
@@ -111,6 +114,25 @@ def run(ctx: StageContext) -> StageResult:
     )
 
 
+def _neighbour_reference(train_ds: "ray.data.Dataset", holdout: dict[str, Any],
+                         detector_size: int) -> dict[str, float]:
+    """Detector scores of the training image nearest each scored held-out z_i (``nn_<score>``):
+    what the embedding alone pins down, the level a decoder that draws well reaches from z_i."""
+    scenes = [scene_of(m) for m in holdout["metas"]]
+    if len(scenes) < 2 or any(s is None for s in scenes):
+        return {}
+    t0 = time.monotonic()
+    pool = train_ds.select_columns(["image_embedding", "image"]).iter_batches(
+        batch_size=1024, batch_format="numpy")
+    nearest = nearest_by_embedding(holdout["embeddings"],
+                                   ((b["image_embedding"], b["image"]) for b in pool))
+    out = {"nn_" + k[4:]: v for k, v in detector_scores(nearest, scenes, detector_size).items()
+           if k.startswith("val_")}
+    log.info("decoder: nearest training image by z_i scored in %.1f s: %s", time.monotonic() - t0,
+             ", ".join(f"{k} {v:.2f}" for k, v in out.items()))
+    return out
+
+
 def _summary(m: dict[str, float], version: str, alias: str, name: str) -> str:
     nan = float("nan")
     parts = [f"held-out decodes: CLIP cosine {m.get('val_clip_cosine', nan):.3f} "
@@ -119,6 +141,9 @@ def _summary(m: dict[str, float], version: str, alias: str, name: str) -> str:
         parts.append("detector " + ", ".join(
             f"{k} {m.get('val_' + k, nan):.2f} (chance {m.get('chance_' + k, nan):.2f})"
             for k in ("color", "shape", "position", "binding")))
+    if "nn_shape" in m:
+        parts.append("nearest training image by z_i " + ", ".join(
+            f"{k} {m['nn_' + k]:.2f}" for k in ("color", "shape", "position")))
     if "val_clip_effect" in m:
         parts.append(f"x0 moves {m['val_clip_effect']:.3f} without z_i, "
                      f"{m.get('val_caption_effect', nan):.3f} without the caption")

@@ -6,12 +6,14 @@
 * CLIP cosine between the decoded images' embeddings and the true embeddings they were decoded from,
   and against the other images' embeddings (mismatched pairs).
 * How much each condition (z_i, the caption) moves the decoder's predictions: whether it uses them.
+* The reference from above: the training image whose embedding is nearest each held-out z_i. Its
+  detector scores say how much of colour, shape and position the embedding itself pins down.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 from PIL import Image
@@ -60,6 +62,34 @@ def clip_cosines(clip: Any, images: np.ndarray, embeddings: np.ndarray) -> dict[
     n = len(z)
     off = (sims.sum() - np.trace(sims)) / max(1, n * (n - 1))
     return {"val_clip_cosine": float(np.trace(sims) / n), "val_clip_cosine_mismatched": float(off)}
+
+
+def nearest_by_embedding(queries: np.ndarray,
+                         batches: Iterable[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """For each query embedding (Q, D), the image whose embedding is most cosine-similar, streamed
+    over ``(embeddings (B, D), images (B, H, W, 3))`` batches so the pool never sits in memory."""
+    q = np.asarray(queries, np.float32)
+    q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
+    best = np.full(len(q), -np.inf, np.float32)
+    found: np.ndarray | None = None
+    for emb, images in batches:
+        e = np.asarray(emb, np.float32)
+        if e.ndim != 2 or e.shape[1] != q.shape[1] or len(e) != len(images):
+            raise ValueError(f"pool batch of embeddings {e.shape} and {len(images)} images does "
+                             f"not match queries of width {q.shape[1]}")
+        if not len(e):
+            continue
+        sims = q @ (e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)).T
+        idx, top = sims.argmax(1), sims.max(1)
+        better = top > best
+        images = np.asarray(images)
+        if found is None:
+            found = np.zeros((len(q), *images.shape[1:]), images.dtype)
+        found[better] = images[idx[better]]
+        best[better] = top[better]
+    if found is None:
+        raise ValueError("nearest_by_embedding: the pool is empty")
+    return found
 
 
 def conditioning_effects(decoder: Any, images: np.ndarray, embeddings: np.ndarray,
