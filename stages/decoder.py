@@ -34,7 +34,7 @@ from unclip.data.paired import PairedRows, iter_paired
 from unclip.data.shards import list_shards
 from unclip.diffusion import DiffusionConfig, GaussianDiffusion
 from unclip.eval.decoding import (clip_cosines, conditioning_effects, detector_scores,
-                                  nearest_by_embedding, scene_of)
+                                  nearest_by_embedding, scenes_of)
 from unclip.models.decoder import Decoder, DecoderConfig, dropout_masks
 from unclip.models.decoder_sampling import TextCondition, caption_condition
 from unclip.registry import register_checkpoint
@@ -118,8 +118,8 @@ def _neighbour_reference(train_ds: "ray.data.Dataset", holdout: dict[str, Any],
                          detector_size: int) -> dict[str, float]:
     """Detector scores of the training image nearest each scored held-out z_i (``nn_<score>``):
     what the embedding alone pins down, the level a decoder that draws well reaches from z_i."""
-    scenes = [scene_of(m) for m in holdout["metas"]]
-    if len(scenes) < 2 or any(s is None for s in scenes):
+    scenes = scenes_of(holdout["metas"])
+    if scenes is None or len(scenes) < 2:
         return {}
     t0 = time.monotonic()
     pool = train_ds.select_columns(["image_embedding", "image"]).iter_batches(
@@ -177,8 +177,7 @@ class Evaluator:
         h = config["holdout"]
         self.images, self.captions = h["images"], list(h["captions"])
         self.embeddings = np.asarray(h["embeddings"], np.float32)
-        scenes = [scene_of(m) for m in h["metas"]]
-        self.scenes = scenes if all(s is not None for s in scenes) else None
+        self.scenes = scenes_of(h["metas"])
         self.seconds = 0.0
         # the held-out captions never change: their token states are computed once, not per eval
         self.text = caption_condition(clip, self.captions) if config["model"]["use_caption"] else None

@@ -34,6 +34,13 @@ def scene_of(meta: str | dict | None) -> Scene | None:
         return None
 
 
+def scenes_of(metas: Sequence[str | dict | None]) -> list[Scene] | None:
+    """Every sample's ground-truth scene, or None when any lacks one: detector scores and their
+    references need all of them (a mixed set would score a different subset each time)."""
+    scenes = [scene_of(m) for m in metas]
+    return scenes if all(s is not None for s in scenes) else None
+
+
 def upscale(images: np.ndarray, size: int) -> list[np.ndarray]:
     """(B, H, W, 3) uint8 -> bicubic resized to ``size``: the detector needs >= 32 px, and reads
     small decodes more reliably at 64 (measured on 32 px renders: 0.995 -> 1.0 binding)."""
@@ -68,8 +75,10 @@ def nearest_by_embedding(queries: np.ndarray,
                          batches: Iterable[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
     """For each query embedding (Q, D), the image whose embedding is most cosine-similar, streamed
     over ``(embeddings (B, D), images (B, H, W, 3))`` batches so the pool never sits in memory."""
-    q = np.asarray(queries, np.float32)
-    q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
+    def unit(a: np.ndarray) -> np.ndarray:
+        return a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+
+    q = unit(np.asarray(queries, np.float32))
     best = np.full(len(q), -np.inf, np.float32)
     found: np.ndarray | None = None
     for emb, images in batches:
@@ -79,8 +88,9 @@ def nearest_by_embedding(queries: np.ndarray,
                              f"not match queries of width {q.shape[1]}")
         if not len(e):
             continue
-        sims = q @ (e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)).T
-        idx, top = sims.argmax(1), sims.max(1)
+        sims = q @ unit(e).T
+        idx = sims.argmax(1)
+        top = np.take_along_axis(sims, idx[:, None], 1)[:, 0]
         better = top > best
         images = np.asarray(images)
         if found is None:
