@@ -266,9 +266,10 @@ def train_loop(config: dict[str, Any]) -> None:
     from unclip.training.state import EMA, unwrap
 
     t = config["train"]
-    if t.get("torch_threads"):
-        torch.set_num_threads(int(t["torch_threads"]))
+    torch.set_num_threads(training.worker_threads(t.get("torch_threads")))
     session = training.WorkerSession(config)
+    if session.rank == 0:
+        training._say(f"[unclip] decoder worker: {torch.get_num_threads()} torch thread(s)")
     training.seed_everything(int(t["seed"]) + session.rank)
     if (config.get("mlflow") or {}).get("tracking_uri"):
         import mlflow

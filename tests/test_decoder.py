@@ -263,6 +263,23 @@ def test_uint8_conversions_and_grid():
 # ---- a tiny run that learns ------------------------------------------------------------------------
 
 
+def test_worker_threads_share_the_cores_among_local_workers(monkeypatch):
+    """Ray pins OMP_NUM_THREADS to the one CPU a worker reserves; the decoder asks for its share."""
+    import os
+    import types
+
+    import ray.train
+
+    from stages.training import worker_threads
+
+    cores = len(os.sched_getaffinity(0))
+    assert worker_threads(3) == 3
+    for local in (1, 2, cores + 1):
+        ctx = types.SimpleNamespace(get_local_world_size=lambda n=local: n)
+        monkeypatch.setattr(ray.train, "get_context", lambda c=ctx: c)
+        assert worker_threads(None) == max(1, cores // local)
+
+
 def test_tiny_training_run_learns():
     """8 rendered shape scenes at 16 px, embedded by a (fixed, random) CLIP: a few hundred steps
     make the loss fall and the decodes of their embeddings move toward the true images in pixels and
