@@ -61,6 +61,24 @@ def test_bsr_is_a_stronger_corruption_than_a_plain_downscale():
     assert float((bsr - clean).abs().mean()) > float((blur - clean).abs().mean())
 
 
+def test_blur_leaves_a_clean_prob_share_of_images_unblurred():
+    """The cascade feeds the first upsampler sharp decoder outputs: ``clean_prob`` trains on some."""
+    from unclip.data.degradations import resize
+
+    hr = _unit(_images(16, 32))
+    down = torch.stack([resize(im, (8, 8), "bicubic").clamp(0, 1) for im in hr])
+    assert torch.allclose(degrade("blur", hr, 4, np.random.default_rng(0), {"clean_prob": 1.0}), down)
+    mixed = degrade("blur", hr, 4, np.random.default_rng(0), {"clean_prob": 0.5})
+    unblurred = sum(bool(torch.allclose(m, d)) for m, d in zip(mixed, down))
+    assert 0 < unblurred < len(hr)
+    # the default (the paper: always blur) draws the same corruptions as before the option existed
+    assert torch.equal(degrade("blur", hr, 4, np.random.default_rng(0)),
+                       degrade("blur", hr, 4, np.random.default_rng(0), {"clean_prob": 0.0}))
+    assert not any(torch.allclose(m, d) for m, d in zip(degrade("blur", hr, 4, np.random.default_rng(0)), down))
+    with pytest.raises(ValueError, match="clean_prob"):
+        config_for("blur", {"clean_prob": 1.5})
+
+
 def test_degradation_inputs_are_checked():
     with pytest.raises(ValueError, match="divisible"):
         degrade("blur", torch.rand(1, 3, 30, 30), 4, np.random.default_rng(0))

@@ -62,6 +62,13 @@ class _FromDict:
 class BlurConfig(_FromDict):
     # Gaussian sigma in *low-resolution* pixels, drawn uniformly per image.
     sigma: tuple[float, float] = (0.4, 1.2)
+    # Share of images left unblurred (the anti-aliased downscale only). The paper always blurs; an
+    # upsampler that never sees a sharp input sharpens the sharp ones it gets in the cascade.
+    clean_prob: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= float(self.clean_prob) <= 1.0:
+            raise ValueError(f"clean_prob must be in [0, 1], got {self.clean_prob}")
 
 
 @dataclass(frozen=True)
@@ -195,10 +202,12 @@ def _check(img: torch.Tensor, scale: int) -> None:
 def blur_degrade(hr: torch.Tensor, scale: int, rng: np.random.Generator,
                  cfg: BlurConfig = BlurConfig()) -> torch.Tensor:
     """First upsampler's conditioning: bicubic (anti-aliased) downscale by ``scale``, then a
-    Gaussian blur of random sigma in low-resolution pixels."""
+    Gaussian blur of random sigma in low-resolution pixels (none for a ``clean_prob`` share)."""
     _check(hr, scale)
     h, w = hr.shape[-2:]
     low = resize(hr, (h // scale, w // scale), "bicubic")
+    if cfg.clean_prob and rng.random() < cfg.clean_prob:
+        return low.clamp(0, 1)
     return apply_kernel(low, gaussian_kernel(float(rng.uniform(*cfg.sigma)))).clamp(0, 1)
 
 
