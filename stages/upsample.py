@@ -5,7 +5,8 @@ Which one runs is ``ctx.name``; each has its own config group (``configs/upsampl
 are resized to the stage's high resolution through Ray Data, training draws random crops of a
 quarter of that side (corrupted on the fly, noise-level augmentation on top), and the EMA model is
 validated on held-out images at full size against bicubic upsampling of the same corrupted input
-(PSNR, SSIM, and a grid image). The model is registered with its alias decided by PSNR.
+(PSNR, SSIM, and a grid image), and of their uncorrupted downscale (``val_*_sharp*``: what the
+cascade feeds it). The model is registered with its alias decided by PSNR.
 """
 
 from __future__ import annotations
@@ -107,7 +108,9 @@ def run(ctx: StageContext) -> StageResult:
                  "registered_alias": alias},
         summary=(f"{c.kind} x{c.scale} {low}->{high}: held-out PSNR {final['val_psnr']:.2f} dB "
                  f"(bicubic {final['val_psnr_bicubic']:.2f}), SSIM {final['val_ssim']:.3f} "
-                 f"(bicubic {final['val_ssim_bicubic']:.3f}), {mcfg['steps']} {mcfg['sampler']} "
+                 f"(bicubic {final['val_ssim_bicubic']:.3f}); on sharp inputs PSNR "
+                 f"{final['val_psnr_sharp']:.2f} (bicubic {final['val_psnr_sharp_bicubic']:.2f}); "
+                 f"{mcfg['steps']} {mcfg['sampler']} "
                  f"steps; registered {c.register_name} v{version} as {alias}"),
     )
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from unclip.checkpoint import CheckpointError
-from unclip.data.degradations import (augment_low_res, config_for, degrade, gaussian_kernel,
-                                      sample_aug_levels)
+from unclip.data.degradations import (augment_low_res, config_for, degrade, downscale,
+                                      gaussian_kernel, sample_aug_levels)
 from unclip.diffusion import GaussianDiffusion
 from unclip.eval.image_quality import psnr, ssim
 from unclip.eval.upsampling import bicubic_upsample, validate
@@ -77,6 +77,27 @@ def test_blur_leaves_a_clean_prob_share_of_images_unblurred():
     assert not any(torch.allclose(m, d) for m, d in zip(degrade("blur", hr, 4, np.random.default_rng(0)), down))
     with pytest.raises(ValueError, match="clean_prob"):
         config_for("blur", {"clean_prob": 1.5})
+
+
+def test_bsr_leaves_a_clean_prob_share_of_images_undegraded():
+    """The second upsampler gets the first one's sharp output in the cascade, not a degraded photo."""
+    hr = _unit(_images(16, 32))
+    down = downscale(hr, 4)
+    assert torch.equal(degrade("bsr", hr, 4, np.random.default_rng(0), {"clean_prob": 1.0}), down)
+    mixed = degrade("bsr", hr, 4, np.random.default_rng(0), {"clean_prob": 0.5})
+    assert 0 < sum(bool(torch.equal(m, d)) for m, d in zip(mixed, down)) < len(hr)
+    assert torch.equal(degrade("bsr", hr, 4, np.random.default_rng(0)),
+                       degrade("bsr", hr, 4, np.random.default_rng(0), {"clean_prob": 0.0}))
+
+
+@pytest.mark.parametrize("kind,bad,match", [
+    ("bsr", {"clean_prob": -0.1}, "clean_prob"), ("bsr", {"poisson_prob": 2}, "poisson_prob"),
+    ("bsr", {"sigma": [0.0, 1.0]}, "sigma"), ("bsr", {"gaussian_noise": [0.2, 0.1]}, "gaussian_noise"),
+    ("bsr", {"jpeg_quality": [30, 101]}, "jpeg_quality"), ("blur", {"sigma": [1.2, 0.4]}, "sigma"),
+])
+def test_degradation_options_out_of_range_are_refused(kind, bad, match):
+    with pytest.raises(ValueError, match=match):
+        config_for(kind, bad)
 
 
 def test_degradation_inputs_are_checked():
@@ -215,7 +236,8 @@ def test_upsampler_stage_outputs(smoke_run, stage, low, high):
 
     m = read_manifest(str(smoke_run), stage)
     assert m is not None
-    for k in ("val_psnr", "val_ssim", "val_psnr_bicubic", "val_ssim_bicubic", "train_loss",
+    for k in ("val_psnr", "val_ssim", "val_psnr_bicubic", "val_ssim_bicubic", "val_psnr_sharp",
+              "val_psnr_sharp_bicubic", "val_ssim_sharp", "train_loss",
               "registered_version", "registered_alias", "n_train", "n_holdout"):
         assert k in m.metrics, k
     assert (m.metrics["low_res"], m.metrics["high_res"]) == (low, high)

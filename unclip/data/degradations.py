@@ -58,6 +58,22 @@ class _FromDict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
 
+def _require_prob(name: str, value: float) -> None:
+    if not 0.0 <= float(value) <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {value}")
+
+
+def _require_range(name: str, pair: tuple, lowest: float, highest: float = math.inf,
+                   low_may_equal: bool = True) -> None:
+    """A (low, high) option: low <= high within [lowest, highest] (low > lowest where it must)."""
+    lo, hi = pair
+    above = lo >= lowest if low_may_equal else lo > lowest
+    if not (above and lo <= hi <= highest):
+        bound = f"{lowest} {'<=' if low_may_equal else '<'} low <= high"
+        bound += f" <= {highest}" if highest != math.inf else ""
+        raise ValueError(f"{name} must be a range (low, high) with {bound}, got ({lo}, {hi})")
+
+
 @dataclass(frozen=True)
 class BlurConfig(_FromDict):
     # Gaussian sigma in *low-resolution* pixels, drawn uniformly per image.
@@ -67,8 +83,8 @@ class BlurConfig(_FromDict):
     clean_prob: float = 0.0
 
     def __post_init__(self) -> None:
-        if not 0.0 <= float(self.clean_prob) <= 1.0:
-            raise ValueError(f"clean_prob must be in [0, 1], got {self.clean_prob}")
+        _require_prob("clean_prob", self.clean_prob)
+        _require_range("sigma", self.sigma, lowest=0.0, low_may_equal=False)
 
 
 @dataclass(frozen=True)
@@ -86,6 +102,17 @@ class BSRConfig(_FromDict):
     poisson_log10_scale: tuple[float, float] = (2.0, 4.0)
     gray_noise_prob: float = 0.4         # the same noise on every channel (luminance noise)
     jpeg_quality: tuple[int, int] = (30, 95)
+    # Share of images given the plain anti-aliased downscale instead (see BlurConfig.clean_prob): the
+    # cascade feeds this upsampler the first upsampler's sharp output, not a camera's degraded photo.
+    clean_prob: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("isotropic_prob", "second_blur_prob", "intermediate_resize_prob",
+                     "poisson_prob", "gray_noise_prob", "clean_prob"):
+            _require_prob(name, getattr(self, name))
+        _require_range("sigma", self.sigma, lowest=0.0, low_may_equal=False)
+        _require_range("gaussian_noise", self.gaussian_noise, lowest=0.0)
+        _require_range("jpeg_quality", self.jpeg_quality, lowest=1, highest=100)
 
 
 def config_for(kind: str, d: Mapping[str, Any] | None = None) -> BlurConfig | BSRConfig:
@@ -189,9 +216,10 @@ def random_kernel(rng: np.random.Generator, sigma: tuple[float, float],
 # ---- the two pipelines -----------------------------------------------------------------------
 
 
-def _check(img: torch.Tensor, scale: int) -> None:
-    if img.ndim != 3 or img.shape[0] != 3:
-        raise ValueError(f"expected one RGB image (3, H, W), got shape {tuple(img.shape)}")
+def _check(img: torch.Tensor, scale: int, batch_ok: bool = False) -> None:
+    if not (img.ndim == 3 or (batch_ok and img.ndim == 4)) or img.shape[-3] != 3:
+        raise ValueError(f"expected {'(B, 3, H, W) or ' if batch_ok else 'one '}RGB image (3, H, W), "
+                         f"got shape {tuple(img.shape)}")
     h, w = img.shape[-2:]
     if scale < 1 or h % scale or w % scale:
         raise ValueError(f"image size {h}x{w} is not divisible by the scale factor {scale}")
@@ -199,15 +227,21 @@ def _check(img: torch.Tensor, scale: int) -> None:
         raise ValueError(f"expected a float image in [0, 1], got dtype {img.dtype}")
 
 
+def downscale(hr: torch.Tensor, scale: int) -> torch.Tensor:
+    """The uncorrupted input: an anti-aliased bicubic downscale by ``scale`` (how the stage before
+    was trained to draw its images, so what a cascade hands over). (3, H, W) or (B, 3, H, W)."""
+    _check(hr, scale, batch_ok=True)
+    h, w = hr.shape[-2:]
+    return resize(hr, (h // scale, w // scale), "bicubic")
+
+
 def blur_degrade(hr: torch.Tensor, scale: int, rng: np.random.Generator,
                  cfg: BlurConfig = BlurConfig()) -> torch.Tensor:
-    """First upsampler's conditioning: bicubic (anti-aliased) downscale by ``scale``, then a
-    Gaussian blur of random sigma in low-resolution pixels (none for a ``clean_prob`` share)."""
-    _check(hr, scale)
-    h, w = hr.shape[-2:]
-    low = resize(hr, (h // scale, w // scale), "bicubic")
+    """First upsampler's conditioning: :func:`downscale`, then a Gaussian blur of random sigma in
+    low-resolution pixels (none for a ``clean_prob`` share)."""
+    low = downscale(hr, scale)
     if cfg.clean_prob and rng.random() < cfg.clean_prob:
-        return low.clamp(0, 1)
+        return low
     return apply_kernel(low, gaussian_kernel(float(rng.uniform(*cfg.sigma)))).clamp(0, 1)
 
 
@@ -223,9 +257,13 @@ def bsr_degrade(hr: torch.Tensor, scale: int, rng: np.random.Generator,
        ``gray_noise_prob``; Poisson-like = counts at 10**uniform(``poisson_log10_scale``) per unit;
     3. resize to exactly H/scale x W/scale with a random kernel (bicubic, bilinear or area);
     4. re-encode as JPEG with quality uniform in ``jpeg_quality``.
+
+    A ``clean_prob`` share skips all of it: :func:`downscale` only.
     """
     _check(hr, scale)
     h, w = hr.shape[-2:]
+    if cfg.clean_prob and rng.random() < cfg.clean_prob:
+        return downscale(hr, scale)
     steps = ["blur", "noise"]
     if rng.random() < cfg.second_blur_prob:
         steps.append("blur")

@@ -3,7 +3,8 @@
 Each held-out image is corrupted with the stage's degradation (seeded per image, so every run and
 every model sees the same inputs), then upsampled twice: by the model (few-step sampling) and by
 bicubic interpolation. PSNR and SSIM of both against the original say whether the model adds
-anything over the trivial baseline.
+anything over the trivial baseline. The same is done for the uncorrupted downscale, the input a
+cascade hands over.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from unclip.data.degradations import degrade
+from unclip.data.degradations import degrade, downscale
 from unclip.eval.image_quality import mean_finite, psnr, ssim
 from unclip.training.upsampler import to_unit
 
@@ -33,25 +34,46 @@ def degraded_inputs(images: np.ndarray, kind: str, scale: int,
     return hr, low
 
 
-@torch.no_grad()
-def validate(model, images: np.ndarray, kind: str, degradation: Mapping[str, Any] | None = None,
-             seed: int = 0, steps: int | None = None, sampler: str | None = None,
-             batch_size: int = 4, grid_rows: int = 4) -> tuple[dict[str, float], np.ndarray]:
-    """Metrics ``val_psnr``/``val_ssim`` (model), ``val_psnr_bicubic``/``val_ssim_bicubic`` and the
-    gains, plus a grid image (uint8 HWC): rows of [degraded input, bicubic, model, original]."""
-    scale = int(model.scale)
-    hr, low = degraded_inputs(images, kind, scale, degradation, seed)
+def _scores(out: torch.Tensor, bic: torch.Tensor, hr: torch.Tensor, suffix: str = "") -> dict[str, float]:
+    m = {f"val_psnr{suffix}": mean_finite(psnr(out, hr)), f"val_ssim{suffix}": float(ssim(out, hr).mean()),
+         f"val_psnr{suffix}_bicubic": mean_finite(psnr(bic, hr)),
+         f"val_ssim{suffix}_bicubic": float(ssim(bic, hr).mean())}
+    m[f"val_psnr{suffix}_gain"] = m[f"val_psnr{suffix}"] - m[f"val_psnr{suffix}_bicubic"]
+    m[f"val_ssim{suffix}_gain"] = m[f"val_ssim{suffix}"] - m[f"val_ssim{suffix}_bicubic"]
+    return m
+
+
+def _upsample(model, low: torch.Tensor, seed: int, steps: int | None, sampler: str | None,
+              batch_size: int) -> torch.Tensor:
     outs = []
-    for i in range(0, len(hr), batch_size):
+    for i in range(0, len(low), batch_size):
         g = torch.Generator().manual_seed(seed * 1_000_003 + i)
         up = model.upsample(low[i:i + batch_size] * 2 - 1, steps=steps, sampler=sampler, generator=g)
         outs.append((up.float().cpu() + 1) / 2)
-    out = torch.cat(outs).clamp(0, 1)
+    return torch.cat(outs).clamp(0, 1)
+
+
+@torch.no_grad()
+def validate(model, images: np.ndarray, kind: str, degradation: Mapping[str, Any] | None = None,
+             seed: int = 0, steps: int | None = None, sampler: str | None = None,
+             batch_size: int = 4, grid_rows: int = 4, sharp: bool = True
+             ) -> tuple[dict[str, float], np.ndarray]:
+    """Metrics ``val_psnr``/``val_ssim`` (model), ``val_psnr_bicubic``/``val_ssim_bicubic`` and the
+    gains, plus a grid image (uint8 HWC): rows of [degraded input, bicubic, model, original].
+
+    With ``sharp``, the same scores again as ``val_*_sharp*`` on the uncorrupted downscale: what the
+    cascade feeds the model. An upsampler trained only on degraded inputs can beat bicubic on those
+    and still over-sharpen the clean images it gets from the stage before.
+    """
+    scale = int(model.scale)
+    hr, low = degraded_inputs(images, kind, scale, degradation, seed)
+    out = _upsample(model, low, seed, steps, sampler, batch_size)
     bic = bicubic_upsample(low, scale)
-    m = {"val_psnr": mean_finite(psnr(out, hr)), "val_ssim": float(ssim(out, hr).mean()),
-         "val_psnr_bicubic": mean_finite(psnr(bic, hr)), "val_ssim_bicubic": float(ssim(bic, hr).mean())}
-    m["val_psnr_gain"] = m["val_psnr"] - m["val_psnr_bicubic"]
-    m["val_ssim_gain"] = m["val_ssim"] - m["val_ssim_bicubic"]
+    m = _scores(out, bic, hr)
+    if sharp:
+        clean = downscale(hr, scale)
+        m.update(_scores(_upsample(model, clean, seed, steps, sampler, batch_size),
+                         bicubic_upsample(clean, scale), hr, "_sharp"))
     nearest = F.interpolate(low, scale_factor=scale, mode="nearest")
     rows = [torch.cat([nearest[i], bic[i], out[i], hr[i]], dim=-1) for i in range(min(grid_rows, len(hr)))]
     grid = (torch.cat(rows, dim=-2).permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
