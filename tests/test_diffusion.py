@@ -69,6 +69,23 @@ def test_clipped_ddim_steps_towards_the_clipped_x0(prediction):
     torch.testing.assert_close(x2, a2 * 1.0 + s2 * (x1 - a1 * 1.0) / s1, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("steps", [15, 50, 64])
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_sampling_ends_on_the_clean_sample_for_any_step_count(sampler, steps):
+    """A model that knows x0 exactly must give x0 back, not x0 plus sqrt(1 - alpha_bar_0) noise
+    (diffusers' DDIM stopped at t = 0 for step counts that do not divide 1000)."""
+    cfg = DiffusionConfig(beta_schedule="linear", clip_sample=False)
+    gd = GaussianDiffusion(cfg)
+    x0 = torch.linspace(-0.8, 0.8, 12).view(4, 3)
+
+    def exact(x, t):
+        a, s = gd.sqrt_ac[t].float().view(-1, 1), gd.sqrt_1m_ac[t].float().view(-1, 1)
+        return (x - a * x0) / s
+
+    out = sample(exact, x0.shape, cfg, sampler, steps, generator=torch.Generator().manual_seed(0))
+    assert (out - x0).abs().max().item() < 1e-3
+
+
 @pytest.mark.parametrize("prediction", ["epsilon", "sample", "v_prediction"])
 def test_ddim_inversion_round_trips(prediction):
     cfg = DiffusionConfig(prediction_type=prediction, clip_sample=False)

@@ -69,7 +69,12 @@ def sample(denoise: Denoiser, shape: tuple[int, ...], cfg: DiffusionConfig, samp
             out = out[:, :channels]
         kwargs = ({"eta": eta, "generator": generator, "use_clipped_model_output": True}
                   if sampler == "ddim" else {"generator": generator})
-        x = sched.step(out.to(x.dtype), t, x, **kwargs).prev_sample
+        step = sched.step(out.to(x.dtype), t, x, **kwargs)
+        # diffusers' DDIM steps to ``t - T // steps``; where T / steps is not whole (15, 64 steps
+        # of 1000) the last step then lands on t = 0, not on the clean sample, and leaves
+        # sqrt(1 - alpha_bar_0) of noise (0.01 on the linear schedule). Its x0 is where it should end.
+        last = i == len(sched.timesteps) - 1
+        x = step.pred_original_sample if last and sampler == "ddim" else step.prev_sample
         if progress is not None:
             progress(i + 1, len(sched.timesteps))
     return x
