@@ -6,7 +6,7 @@ are resized to the stage's high resolution through Ray Data, training draws rand
 quarter of that side (corrupted on the fly, noise-level augmentation on top), and the EMA model is
 validated on held-out images at full size against bicubic upsampling of the same corrupted input
 (PSNR, SSIM, and a grid image), and of their uncorrupted downscale (``val_*_sharp*``: what the
-cascade feeds it). The model is registered with its alias decided by PSNR.
+cascade feeds it). The model is registered with its alias decided by the sharp-input PSNR.
 """
 
 from __future__ import annotations
@@ -94,12 +94,14 @@ def run(ctx: StageContext) -> StageResult:
     ema = EMA(model, float(c.train.ema_decay))
     meta = training.load_result_state(result, model, ema)
     final = {k: float(v) for k, v in (meta.get("metrics") or {}).items()}
-    if "val_psnr" not in final:
+    if "val_psnr_sharp" not in final:
         raise RuntimeError(f"{ctx.name}: training ended without a validation ({sorted(final)})")
     folder = ctx.path("model")
     ema.model.save(folder, extra={"trained_steps": meta.get("step"), "metrics": final})
     _log_grid(grid_uri, ctx.name)
-    version, alias = register_checkpoint(folder, str(c.register_name), final["val_psnr"])
+    # champion by the sharp-input score: it does not depend on the degradation config, and sharp
+    # inputs are what the cascade gives
+    version, alias = register_checkpoint(folder, str(c.register_name), final["val_psnr_sharp"])
     return StageResult(
         outputs={"model": folder, "registered": f"models:/{c.register_name}/{version}",
                  "samples": grid_uri},

@@ -8,7 +8,7 @@ of the image; PCA reconstructions keep the first k principal components of z_i.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
 import numpy as np
@@ -32,7 +32,8 @@ def slerp(a: torch.Tensor, b: torch.Tensor, theta: float) -> torch.Tensor:
 
 @dataclass
 class Settings:
-    """Sampling settings of one call; ``None`` keeps each model's trained default."""
+    """Sampling settings of one call; ``upsampler_steps=None`` samples each upsampler with the
+    step count it was trained for."""
 
     prior_guidance: float = 4.0
     decoder_guidance: float = 3.0
@@ -111,9 +112,11 @@ class UnCLIP:
                       s.decoder_steps, generator=generator, x_T=x_T)
 
     @torch.no_grad()
-    def invert(self, images: Sequence[Image.Image], z_i: torch.Tensor, steps: int) -> torch.Tensor:
-        """DDIM-inverted decoder noise x_T of images, conditioned on their own embeddings."""
-        return invert(self.decoder, from_pil(images, self.resolution), z_i, None, steps)
+    def invert(self, images: Sequence[Image.Image], z_i: torch.Tensor, s: Settings) -> torch.Tensor:
+        """DDIM-inverted decoder noise x_T of images, conditioned on their own embeddings, for the
+        same steps and guidance that will decode it."""
+        return invert(self.decoder, from_pil(images, self.resolution), z_i, None, s.decoder_steps,
+                      s.decoder_guidance)
 
     @torch.no_grad()
     def upsample(self, base: torch.Tensor, s: Settings,
@@ -154,6 +157,8 @@ class UnCLIP:
         if noise not in ("fixed", "interpolated"):
             raise InputError(f"noise must be 'fixed' or 'interpolated', got {noise!r}")
         s = settings or Settings(decoder_sampler="ddim")
+        if noise == "interpolated":  # inverted noise only means something to the DDIM map
+            s = replace(s, decoder_sampler="ddim")
         g = torch.Generator().manual_seed(seed)
         z = self.encode_images([image_a, image_b])
         thetas = np.linspace(0, 1, frames)
@@ -162,7 +167,7 @@ class UnCLIP:
         if noise == "fixed":
             x_T = torch.randn(shape, generator=g).repeat(frames, 1, 1, 1)
         else:
-            inv = self.invert([image_a, image_b], z, s.decoder_steps).cpu().flatten(1)
+            inv = self.invert([image_a, image_b], z, s).cpu().flatten(1)
             norms = inv.norm(dim=1)
             x_T = torch.cat([slerp(inv[:1], inv[1:], float(th)) * (norms[0] * (1 - th) + norms[1] * th)
                              for th in thetas]).view(frames, *shape[1:])
@@ -173,15 +178,15 @@ class UnCLIP:
              seed: int = 0) -> list[list[Image.Image]]:
         """Text diff: z = slerp(z_i, normalize(z_t(target) - z_t(source)), theta), decoded by DDIM
         from the image's inverted noise, theta from 0 to ``max_theta`` (the paper uses <= 0.5)."""
-        s = settings or Settings(decoder_sampler="ddim")
-        s.decoder_sampler = "ddim"  # inversion and decoding must be the same deterministic map
+        # inversion and decoding must be the same deterministic map (the caller's settings stay)
+        s = replace(settings or Settings(), decoder_sampler="ddim")
         z_src, _, _ = self.encode_text([source])
         z_tgt, _, _ = self.encode_text([target])
         z_d = F.normalize(z_tgt - z_src, dim=-1)
         if not torch.isfinite(z_d).all() or (z_tgt - z_src).norm() < 1e-6:
             raise InputError("--from and --to give the same CLIP embedding: nothing to edit")
         z_i = self.encode_images([image])
-        x_T = self.invert([image], z_i, s.decoder_steps).repeat(frames, 1, 1, 1)
+        x_T = self.invert([image], z_i, s).repeat(frames, 1, 1, 1)
         zs = torch.cat([slerp(z_i, z_d, float(th)) for th in np.linspace(0, max_theta, frames)])
         g = torch.Generator().manual_seed(seed)
         return self._finish(self.decode(zs, None, s, g, x_T=x_T), s, g)

@@ -102,12 +102,14 @@ def decode(decoder: Decoder, image_embeddings: torch.Tensor, text: TextCondition
 
 @torch.no_grad()
 def invert(decoder: Decoder, images: torch.Tensor, image_embeddings: torch.Tensor,
-           text: TextCondition | None = None, steps: int = 50) -> torch.Tensor:
-    """The x_T from which DDIM (eta 0, no guidance) decodes ``images`` (B, 3, H, W in [-1, 1])
-    back: the second half of the paper's bipartite latent (z_i, x_T), for text diffs."""
+           text: TextCondition | None = None, steps: int = 50,
+           guidance_scale: float = 1.0) -> torch.Tensor:
+    """The x_T from which DDIM (eta 0) decodes ``images`` (B, 3, H, W in [-1, 1]) back: the second
+    half of the paper's bipartite latent (z_i, x_T), for text diffs. Decode it with the same
+    ``guidance_scale`` and ``steps``: another scale is another map, and x_T no longer fits it."""
     device = next(decoder.parameters()).device
     denoise = make_denoiser(decoder, image_embeddings.to(device).float(),
-                            None if text is None else text.to(device), 1.0)
+                            None if text is None else text.to(device), guidance_scale)
     return ddim_invert(denoise, images.to(device).float(), decoder.diffusion, steps)
 
 

@@ -131,23 +131,25 @@ class Upsampler(torch.nn.Module):
         """Images ``scale`` times larger than ``low`` (B, 3, h, w) in [-1, 1], at any size (the UNet
         has no attention): few-step DDIM/DPM sampling, the input noised at a fixed small level."""
         self._check_low(low)
-        was_training = self.training
-        self.eval()
         device = next(self.parameters()).device
         low = low.to(device)
         level = int(self.config["aug_sample_level"] if aug_level is None else aug_level)
         gd = GaussianDiffusion(self.diffusion_config)
         t_aug = torch.full((low.shape[0],), level, dtype=torch.long, device=device)
-        low_aug = augment_low_res(low, t_aug, gd, generator) if level > 0 else low
+        low_aug = augment_low_res(low, t_aug, gd, generator)  # level 0 too, as in training
 
         def denoise(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             return self(x_t, t, low, t_aug, low_aug)
 
         shape = (low.shape[0], 3, low.shape[-2] * self.scale, low.shape[-1] * self.scale)
-        out = sample(denoise, shape, self.diffusion_config, sampler or self.config["sampler"],
-                     int(steps or self.config["steps"]), generator=generator, device=device,
-                     eta=eta, progress=progress)
-        self.train(was_training)
+        was_training = self.training
+        self.eval()
+        try:
+            out = sample(denoise, shape, self.diffusion_config, sampler or self.config["sampler"],
+                         int(steps or self.config["steps"]), generator=generator, device=device,
+                         eta=eta, progress=progress)
+        finally:
+            self.train(was_training)
         return out.clamp(-1, 1)
 
     # ---- files ----------------------------------------------------------------------------
