@@ -44,7 +44,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     s = common.add_argument_group("sampling")
     s.add_argument("--prior-guidance", type=float, default=4.0, help="prior guidance scale (default: %(default)s)")
-    s.add_argument("--decoder-guidance", type=float, default=3.0, help="decoder guidance scale (default: %(default)s)")
+    s.add_argument("--decoder-guidance", type=float, default=None,
+                   help="decoder guidance scale (default: 3; 1 for edit and --noise interpolated, "
+                        "which decode DDIM-inverted noise: 3 edits harder but keeps less of the input)")
     s.add_argument("--prior-steps", type=int, default=64, help="prior sampling steps (default: %(default)s)")
     s.add_argument("--decoder-steps", type=int, default=50, help="decoder sampling steps (default: %(default)s)")
     s.add_argument("--upsampler-steps", type=int, default=None, help="upsampler steps (default: as trained)")

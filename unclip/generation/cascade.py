@@ -32,11 +32,17 @@ def slerp(a: torch.Tensor, b: torch.Tensor, theta: float) -> torch.Tensor:
 
 @dataclass
 class Settings:
-    """Sampling settings of one call; ``upsampler_steps=None`` samples each upsampler with the
-    step count it was trained for."""
+    """Sampling settings of one call. ``None``: ``decoder_guidance`` is 3 from fresh noise and 1
+    from DDIM-inverted noise (edits, interpolated noise: the map that noise was inverted for);
+    ``upsampler_steps`` is the step count each upsampler was trained for.
+
+    Text diffs on the tiny decoder (12 held-out one-object images, colour edits, 50 DDIM steps):
+    guidance 1 gives the input back at 43.6 dB PSNR and at theta 0.5 the new colour on 58% with
+    the shape kept on 83%; guidance 3: 32.0 dB, 75% and 67%.
+    """
 
     prior_guidance: float = 4.0
-    decoder_guidance: float = 3.0
+    decoder_guidance: float | None = None
     prior_steps: int = 64
     prior_candidates: int = 2
     decoder_sampler: str = "ddim"
@@ -102,21 +108,24 @@ class UnCLIP:
 
     @torch.no_grad()
     def decode(self, z_i: torch.Tensor, prompts: Sequence[str] | None, s: Settings,
-               generator: torch.Generator | None = None,
-               x_T: torch.Tensor | None = None) -> torch.Tensor:
-        """Decoder samples (B, 3, R, R) in [-1, 1] for image embeddings (and captions)."""
+               generator: torch.Generator | None = None, x_T: torch.Tensor | None = None,
+               inverted: bool = False) -> torch.Tensor:
+        """Decoder samples (B, 3, R, R) in [-1, 1] for image embeddings (and captions); ``inverted``
+        says ``x_T`` came from :meth:`invert`."""
         text = None
         if prompts is not None and self.decoder.cfg.use_caption:
             text = caption_condition(self.clip, [check_prompt(p) for p in prompts])
-        return decode(self.decoder, z_i, text, s.decoder_guidance, s.decoder_sampler,
-                      s.decoder_steps, generator=generator, x_T=x_T)
+        guidance = s.decoder_guidance
+        if guidance is None:
+            guidance = 1.0 if inverted else 3.0
+        return decode(self.decoder, z_i, text, guidance, s.decoder_sampler, s.decoder_steps,
+                      generator=generator, x_T=x_T)
 
     @torch.no_grad()
     def invert(self, images: Sequence[Image.Image], z_i: torch.Tensor, s: Settings) -> torch.Tensor:
-        """DDIM-inverted decoder noise x_T of images, conditioned on their own embeddings, for the
-        same steps and guidance that will decode it."""
-        return invert(self.decoder, from_pil(images, self.resolution), z_i, None, s.decoder_steps,
-                      s.decoder_guidance)
+        """DDIM-inverted decoder noise x_T of images (unguided), conditioned on their own
+        embeddings, for the steps that will decode it."""
+        return invert(self.decoder, from_pil(images, self.resolution), z_i, None, s.decoder_steps)
 
     @torch.no_grad()
     def upsample(self, base: torch.Tensor, s: Settings,
@@ -171,7 +180,7 @@ class UnCLIP:
             norms = inv.norm(dim=1)
             x_T = torch.cat([slerp(inv[:1], inv[1:], float(th)) * (norms[0] * (1 - th) + norms[1] * th)
                              for th in thetas]).view(frames, *shape[1:])
-        return self._finish(self.decode(zs, None, s, g, x_T=x_T), s, g)
+        return self._finish(self.decode(zs, None, s, g, x_T=x_T, inverted=noise == "interpolated"), s, g)
 
     def edit(self, image: Image.Image, source: str, target: str, frames: int = 5,
              max_theta: float = 0.5, settings: Settings | None = None,
@@ -189,7 +198,7 @@ class UnCLIP:
         x_T = self.invert([image], z_i, s).repeat(frames, 1, 1, 1)
         zs = torch.cat([slerp(z_i, z_d, float(th)) for th in np.linspace(0, max_theta, frames)])
         g = torch.Generator().manual_seed(seed)
-        return self._finish(self.decode(zs, None, s, g, x_T=x_T), s, g)
+        return self._finish(self.decode(zs, None, s, g, x_T=x_T, inverted=True), s, g)
 
     def pca_reconstruct(self, image: Image.Image, dims: Sequence[int], seed: int = 0,
                         settings: Settings | None = None) -> list[list[Image.Image]]:
