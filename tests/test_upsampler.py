@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from unclip.checkpoint import CheckpointError
-from unclip.data.degradations import (augment_low_res, config_for, degrade, downscale,
-                                      gaussian_kernel, sample_aug_levels)
+from unclip.data.degradations import (augment_low_res, blur_degrade, bsr_degrade, config_for,
+                                      degrade, downscale, gaussian_kernel, sample_aug_levels)
 from unclip.diffusion import GaussianDiffusion
 from unclip.eval.image_quality import psnr, ssim
 from unclip.eval.upsampling import bicubic_upsample, validate
@@ -63,10 +63,8 @@ def test_bsr_is_a_stronger_corruption_than_a_plain_downscale():
 
 def test_blur_leaves_a_clean_prob_share_of_images_unblurred():
     """The cascade feeds the first upsampler sharp decoder outputs: ``clean_prob`` trains on some."""
-    from unclip.data.degradations import resize
-
     hr = _unit(_images(16, 32))
-    down = torch.stack([resize(im, (8, 8), "bicubic").clamp(0, 1) for im in hr])
+    down = downscale(hr, 4)
     assert torch.allclose(degrade("blur", hr, 4, np.random.default_rng(0), {"clean_prob": 1.0}), down)
     mixed = degrade("blur", hr, 4, np.random.default_rng(0), {"clean_prob": 0.5})
     unblurred = sum(bool(torch.allclose(m, d)) for m, d in zip(mixed, down))
@@ -103,6 +101,9 @@ def test_degradation_options_out_of_range_are_refused(kind, bad, match):
 def test_degradation_inputs_are_checked():
     with pytest.raises(ValueError, match="divisible"):
         degrade("blur", torch.rand(1, 3, 30, 30), 4, np.random.default_rng(0))
+    for fn in (blur_degrade, bsr_degrade):  # one image each: their draws are per image
+        with pytest.raises(ValueError, match="one RGB image"):
+            fn(torch.rand(2, 3, 32, 32), 4, np.random.default_rng(0))
     with pytest.raises(ValueError, match="unknown"):
         config_for("bsr", {"jpeg_qualty": [10, 20]})
     with pytest.raises(ValueError):

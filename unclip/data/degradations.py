@@ -239,6 +239,7 @@ def blur_degrade(hr: torch.Tensor, scale: int, rng: np.random.Generator,
                  cfg: BlurConfig = BlurConfig()) -> torch.Tensor:
     """First upsampler's conditioning: :func:`downscale`, then a Gaussian blur of random sigma in
     low-resolution pixels (none for a ``clean_prob`` share)."""
+    _check(hr, scale)  # one image: the blur and the rng draws are per image
     low = downscale(hr, scale)
     if cfg.clean_prob and rng.random() < cfg.clean_prob:
         return low

@@ -56,12 +56,11 @@ def _upsample(model, low: torch.Tensor, seed: int, steps: int | None, sampler: s
 @torch.no_grad()
 def validate(model, images: np.ndarray, kind: str, degradation: Mapping[str, Any] | None = None,
              seed: int = 0, steps: int | None = None, sampler: str | None = None,
-             batch_size: int = 4, grid_rows: int = 4, sharp: bool = True
-             ) -> tuple[dict[str, float], np.ndarray]:
+             batch_size: int = 4, grid_rows: int = 4) -> tuple[dict[str, float], np.ndarray]:
     """Metrics ``val_psnr``/``val_ssim`` (model), ``val_psnr_bicubic``/``val_ssim_bicubic`` and the
     gains, plus a grid image (uint8 HWC): rows of [degraded input, bicubic, model, original].
 
-    With ``sharp``, the same scores again as ``val_*_sharp*`` on the uncorrupted downscale: what the
+    The same scores again as ``val_*_sharp*`` on the uncorrupted downscale: what the
     cascade feeds the model. An upsampler trained only on degraded inputs can beat bicubic on those
     and still over-sharpen the clean images it gets from the stage before.
     """
@@ -69,11 +68,10 @@ def validate(model, images: np.ndarray, kind: str, degradation: Mapping[str, Any
     hr, low = degraded_inputs(images, kind, scale, degradation, seed)
     out = _upsample(model, low, seed, steps, sampler, batch_size)
     bic = bicubic_upsample(low, scale)
-    m = _scores(out, bic, hr)
-    if sharp:
-        clean = downscale(hr, scale)
-        m.update(_scores(_upsample(model, clean, seed, steps, sampler, batch_size),
-                         bicubic_upsample(clean, scale), hr, "_sharp"))
+    clean = downscale(hr, scale)
+    m = {**_scores(out, bic, hr),
+         **_scores(_upsample(model, clean, seed, steps, sampler, batch_size),
+                   bicubic_upsample(clean, scale), hr, "_sharp")}
     nearest = F.interpolate(low, scale_factor=scale, mode="nearest")
     rows = [torch.cat([nearest[i], bic[i], out[i], hr[i]], dim=-1) for i in range(min(grid_rows, len(hr)))]
     grid = (torch.cat(rows, dim=-2).permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
