@@ -19,10 +19,11 @@ from pipelines.config import to_container
 from pipelines.context import StageContext, StageResult
 from stages import training
 from unclip.data.loading import iter_decoded
+from unclip.devices import model_device, to_device, to_numpy
 from unclip.data.shards import list_shards
 from unclip.eval.retrieval import recall_at_k, zero_shot_attributes
 from unclip.models.clip import ClipEncoder, create_custom, load_clip
-from unclip.registry import register_checkpoint, resolve_checkpoint
+from unclip.registry import register_checkpoint
 
 log = logging.getLogger("unclip")
 MEAN = torch.tensor((0.48145466, 0.4578275, 0.40821073)).view(1, 3, 1, 1)
@@ -41,10 +42,32 @@ def to_model_input(images: np.ndarray | torch.Tensor) -> torch.Tensor:
 def run(ctx: StageContext) -> StageResult:
     c = ctx.stage_cfg
     if c.source:
-        encoder = load_clip(resolve_checkpoint(str(c.source)), c.arch)
-        return StageResult(outputs={"model": str(c.source)}, metrics={"dim": encoder.dim},
-                           summary=f"using CLIP {encoder.identity}")
+        return _resolve(ctx)
     return _train(ctx)
+
+
+def _resolve(ctx: StageContext) -> StageResult:
+    """Load the configured CLIP once and write what it is (architecture, source, pinned version,
+    digest, dimensions) as a reference folder: the one thing every later stage loads CLIP from."""
+    c = ctx.stage_cfg
+    encoder = load_clip(str(c.source), None if c.arch is None else str(c.arch))
+    folder = ctx.path("model")
+    encoder.save_reference(folder)
+    outputs = {"model": folder}
+    metrics: dict[str, Any] = {"dim": encoder.dim, "text_width": encoder.text_width,
+                               "context_length": encoder.context_length,
+                               "image_size": encoder.image_size}
+    if encoder.identity["kind"] == "registry":
+        outputs["registered"] = encoder.identity["source"]
+    else:  # so that `unclip generate` finds this run's CLIP under its usual name
+        version, alias = register_checkpoint(folder, str(c.register_name), None)
+        outputs["registered"] = f"models:/{c.register_name}/{version}"
+        metrics.update(registered_version=int(version), registered_alias=alias)
+    ident = encoder.identity
+    return StageResult(outputs=outputs, metrics=metrics,
+                       summary=(f"CLIP {ident['arch']} from {ident['source']} ({ident['kind']}, "
+                                f"{ident.get('digest')}): {encoder.dim}-d embeddings, "
+                                f"{encoder.image_size} px, context {encoder.context_length}"))
 
 
 def _train(ctx: StageContext) -> StageResult:
@@ -75,7 +98,7 @@ def _train(ctx: StageContext) -> StageResult:
                           datasets={"train": train_ds})
     model = create_custom(model_cfg)
     meta = training.load_result_state(result, model)
-    encoder = ClipEncoder(model, {"arch": "custom", "source": "trained"}, model_cfg)
+    encoder = ClipEncoder(model, {"arch": "custom", "source": "trained", "kind": "trained"}, model_cfg)
     folder = ctx.path("model")
     encoder.save(folder, extra={"trained_steps": meta.get("step"), "metrics": meta.get("metrics")})
     final = {k: float(v) for k, v in (meta.get("metrics") or {}).items()}
@@ -113,18 +136,18 @@ def evaluate(model: torch.nn.Module, holdout: dict[str, Any], batch_size: int = 
 
     model.eval()
     tok = SimpleTokenizer(context_length=int(model.context_length))
-    device = next(model.parameters()).device  # a GPU worker's model: inputs go there, outputs back
+    device = model_device(model)  # a GPU worker's model: inputs go there, outputs back
 
     def encode_text(captions: list[str]) -> np.ndarray:
-        return torch.cat([F.normalize(model.encode_text(tok(captions[i:i + batch_size]).to(device)), dim=-1)
-                          for i in range(0, len(captions), batch_size)]).cpu().numpy()
+        return to_numpy(torch.cat([F.normalize(model.encode_text(to_device(tok(captions[i:i + batch_size]), device)),
+                                               dim=-1) for i in range(0, len(captions), batch_size)]))
 
     img = []
     with torch.no_grad():
         for i in range(0, len(holdout["captions"]), batch_size):
-            img.append(F.normalize(model.encode_image(to_model_input(
-                holdout["images"][i:i + batch_size]).to(device)), dim=-1))
-        image_emb = torch.cat(img).cpu().numpy()
+            img.append(F.normalize(model.encode_image(to_device(to_model_input(
+                holdout["images"][i:i + batch_size]), device)), dim=-1))
+        image_emb = to_numpy(torch.cat(img))
         r = recall_at_k(image_emb, encode_text(list(holdout["captions"])), holdout["captions"])
         r.update(zero_shot_attributes(image_emb, holdout["captions"], encode_text))
     model.train()
@@ -144,6 +167,7 @@ def train_loop(config: dict[str, Any]) -> None:
     model = create_custom(config["model"])
     model = ray.train.torch.prepare_model(model)
     inner = training.unwrap(model)
+    device = model_device(inner)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": float(t["weight_decay"])},
@@ -166,7 +190,7 @@ def train_loop(config: dict[str, Any]) -> None:
             lr = _lr(step, total, float(t["lr"]), int(t["warmup_steps"]))
             for g in opt.param_groups:
                 g["lr"] = lr
-            out = model(to_model_input(batch["image"]), tok(list(batch["caption"])))
+            out = model(*to_device((to_model_input(batch["image"]), tok(list(batch["caption"]))), device))
             img_f, txt_f, scale = out if isinstance(out, tuple) else \
                 (out["image_features"], out["text_features"], out["logit_scale"])
             loss = loss_fn(img_f, txt_f, scale)

@@ -51,14 +51,13 @@ def model_config(ctx: StageContext, clip_dim: int, text_width: int) -> dict[str,
 
 def run(ctx: StageContext) -> StageResult:
     from unclip.models.clip import load_clip
-    from unclip.registry import resolve_checkpoint
 
     c = ctx.stage_cfg
     size, frac = int(c.resolution), float(c.holdout_fraction)
     shards = list_shards(ctx.input("filter", "shards"))
     embeddings = ctx.input("embed", "embeddings")
     clip_ref = ctx.input("clip", "model")
-    clip = load_clip(resolve_checkpoint(clip_ref), ctx.cfg.clip.arch)
+    clip = load_clip(clip_ref)
     mcfg = model_config(ctx, clip.dim, clip.text_width)
     DecoderConfig.from_dict(mcfg).validate()  # a bad size fails here, before any data work
 
@@ -81,7 +80,7 @@ def run(ctx: StageContext) -> StageResult:
         "model": mcfg, "diffusion": to_container(c.diffusion), "train": to_container(c.train),
         "sampling": to_container(c.sampling), "eval": to_container(c.eval),
         "p_drop_clip": float(c.p_drop_clip), "p_drop_caption": float(c.p_drop_caption),
-        "hflip": bool(c.hflip), "clip": clip_ref, "clip_arch": ctx.cfg.clip.arch,
+        "hflip": bool(c.hflip), "clip": clip_ref,
         "holdout": holdout, "grids": ctx.path("grids"),
     }
     result = training.fit(ctx, train_loop, loop_config, int(c.train.num_workers),
@@ -261,7 +260,6 @@ def train_loop(config: dict[str, Any]) -> None:
 
     from unclip.models.clip import load_clip
     from unclip.models.decoder_sampling import from_uint8
-    from unclip.registry import resolve_checkpoint
     from unclip.training import loop
     from unclip.training.state import EMA, unwrap
 
@@ -275,7 +273,7 @@ def train_loop(config: dict[str, Any]) -> None:
         import mlflow
 
         mlflow.set_tracking_uri(config["mlflow"]["tracking_uri"])
-    clip = load_clip(resolve_checkpoint(config["clip"]), config.get("clip_arch"))
+    clip = load_clip(config["clip"])
     clip.model.requires_grad_(False)
     model = Decoder(DecoderConfig.from_dict(config["model"]),
                     DiffusionConfig.from_dict(config["diffusion"]))

@@ -34,21 +34,19 @@ log = logging.getLogger("unclip")
 class ShardEmbedder:
     """A Ray Data actor holding one CLIP; embeds whole shards, one Parquet file each."""
 
-    def __init__(self, model_ref: str, arch: str | None, out: str, batch_size: int,
-                 tracking_uri: str | None):
+    def __init__(self, model_ref: str, out: str, batch_size: int, tracking_uri: str | None):
         import torch
 
         from unclip.models.clip import load_clip
-        from unclip.registry import resolve_checkpoint
 
         if tracking_uri:
             import mlflow
 
             mlflow.set_tracking_uri(tracking_uri)
         torch.set_num_threads(max(1, torch.get_num_threads()))
-        self.encoder = load_clip(resolve_checkpoint(model_ref), arch)
+        self.encoder = load_clip(model_ref)  # the clip stage's record: no clip.arch needed
         if torch.cuda.is_available():
-            self.encoder.model.cuda()
+            self.encoder.to("cuda")
         self.out = out
         self.batch_size = batch_size
 
@@ -92,7 +90,7 @@ def run(ctx: StageContext) -> StageResult:
                              num_cpus=0 if gpus else 1, num_gpus=gpus,
                              fn_constructor_kwargs={
                                  "model_ref": ctx.input("clip", "model"),
-                                 "arch": ctx.cfg.clip.arch, "out": out,
+                                 "out": out,
                                  "batch_size": int(c.batch_size),
                                  "tracking_uri": tracking.tracking_uri(ctx.cfg)})
                 .take_all())

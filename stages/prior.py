@@ -27,7 +27,7 @@ from stages.prior_data import read_holdout, read_split, split_dataset, train_sta
 from unclip.embeddings import io as eio
 from unclip.models.clip import ClipEncoder, load_clip, text_tokens
 from unclip.models.prior import mean_cosine, resolve_embed_scale
-from unclip.registry import register_checkpoint, resolve_checkpoint
+from unclip.registry import register_checkpoint
 from unclip.training.loop import LoopConfig, make_optimizer, train
 from unclip.training.state import EMA, unwrap
 
@@ -134,7 +134,7 @@ def run(ctx: StageContext) -> StageResult:
         raise FileNotFoundError(f"prior: no embedding files in {ctx.input('embed', 'embeddings')}")
     frac = float(c.holdout_fraction)
     clip_source = str(ctx.input("clip", "model"))
-    clip = load_clip(resolve_checkpoint(clip_source))
+    clip = load_clip(clip_source)
     train_ds = split_dataset(files, "train", frac)
     # driver-side, one file at a time (bounded memory): cheaper than starting Ray Data workers
     stats = train_statistics(read_split({"uri": np.array([u])}, "train", frac) for u in files)
@@ -247,7 +247,7 @@ def train_loop(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     if config["mlflow"].get("tracking_uri"):
         mlflow.set_tracking_uri(config["mlflow"]["tracking_uri"])  # a models:/ CLIP resolves here
-    encoder = CaptionEncoder(load_clip(resolve_checkpoint(config["clip"])), device,
+    encoder = CaptionEncoder(load_clip(config["clip"]), device,
                              cache=config["cache_text_encodings"])
     sim_edges = None if config["sim_edges"] is None else np.asarray(config["sim_edges"])
     model = build_model(kind, config["model"], config["pca"], sim_edges)

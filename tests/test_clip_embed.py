@@ -140,3 +140,135 @@ def test_clip_weights_file_on_s3(smoke_run, s3_server, tmp_path, monkeypatch):
     assert remote.identity["source"] == "s3://clip-weights/w.safetensors"
     captions = ["a red circle", "a blue star"]
     np.testing.assert_allclose(remote.encode_text(captions), ref.encode_text(captions), atol=1e-5)
+    remote.save_reference(str(tmp_path / "record"))  # what the clip stage writes for this source
+    again = load_clip(str(tmp_path / "record"))
+    assert again.identity["source"] == "s3://clip-weights/w.safetensors"
+    np.testing.assert_allclose(again.encode_text(captions), ref.encode_text(captions), atol=1e-5)
+
+
+# ---- CLIP identity: one record, every source, any device ----------------------------------------
+
+TINY_CLIP = {"embed_dim": 16, "vision_cfg": {"image_size": 16, "patch_size": 8, "width": 16,
+                                             "layers": 1, "head_width": 8},
+             "text_cfg": {"context_length": 12, "width": 16, "heads": 2, "layers": 1}}
+
+
+def _stand_in_tag(tmp_path, arch: str, tag: str):
+    """A locally saved open_clip model standing in for a hub tag: ``arch`` registered from its JSON
+    config, ``tag`` in open_clip's pretrained table pointing at a weights file (no hub here)."""
+    import open_clip
+    from open_clip import pretrained as op
+    from safetensors.torch import save_file
+
+    (tmp_path / f"{arch}.json").write_text(json.dumps(TINY_CLIP))
+    open_clip.add_model_config(str(tmp_path / f"{arch}.json"))
+    model = create_custom(TINY_CLIP)
+    weights = tmp_path / f"{arch}-{tag}.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    op._PRETRAINED.setdefault(arch, {})[tag] = {"file": str(weights)}
+    return model, weights
+
+
+def _images(n=3):
+    return [Image.fromarray(np.random.default_rng(i).integers(0, 255, (20, 20, 3), np.uint8))
+            for i in range(n)]
+
+
+def test_clip_encoder_feeds_the_models_device():
+    """Every encode path moves its CPU-built inputs to the model's device: on the meta device a
+    CPU tensor reaching any submodule is caught by a hook (the encoder used to feed CPU tensors
+    to the model wherever it sat, which crashed embed and the cascade on GPUs)."""
+    import torch
+
+    from unclip.models.clip import ClipEncoder
+
+    with torch.device("meta"):
+        model = create_custom(TINY_CLIP)
+    enc = ClipEncoder(model, {"arch": "custom"}, TINY_CLIP)
+    seen = set()
+
+    def hook(_module, args, kwargs):
+        seen.update(a.device.type for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))
+
+    for m in model.modules():
+        m.register_forward_pre_hook(hook, with_kwargs=True)
+    assert enc.encode_images(_images(2)).shape == (2, 16)
+    assert enc.encode_text(["a red circle"]).shape == (1, 16)
+    pooled, states, mask = enc.encode_text_tokens(["a red circle", "a blue star"])
+    assert states.shape == (2, 12, 16) and mask.shape == (2, 12)
+    assert seen == {"meta"}, seen
+
+
+def test_clip_reference_from_tag_file_and_registry(tmp_path, monkeypatch):
+    """pretrained:<tag>, a weights file and a registry model each resolve to a reference folder
+    that loads the same CLIP with no architecture given; changed weights are refused."""
+    import mlflow
+
+    from unclip.checkpoint import CheckpointError
+    from unclip.models.clip import ClipEncoder
+    from unclip.registry import register_checkpoint
+
+    model, weights = _stand_in_tag(tmp_path, "unclip-ref-test", "standin")
+    want = ClipEncoder(model, {"arch": "custom"})
+    images, captions = _images(), ["a red circle", "a photo of a dog"]
+    want_img, want_txt = want.encode_images(images), want.encode_text(captions)
+
+    tagged = load_clip("pretrained:standin", "unclip-ref-test")
+    assert tagged.identity["kind"] == "tag" and tagged.identity["source"] == "pretrained:standin"
+    assert tagged.identity["digest"].startswith("sha256:")
+    from_file = load_clip(str(weights), "unclip-ref-test")
+    assert from_file.identity["digest"] == tagged.identity["digest"]
+    for i, enc in enumerate((tagged, from_file)):
+        folder = tmp_path / f"ref{i}"
+        enc.save_reference(str(folder))
+        assert not (folder / "model.safetensors").exists()
+        back = load_clip(str(folder))  # no arch: the record says it
+        assert back.identity["source"] == enc.identity["source"] and back.dim == 16
+        np.testing.assert_allclose(back.encode_images(images), want_img, atol=1e-5)
+        np.testing.assert_allclose(back.encode_text(captions), want_txt, atol=1e-5)
+
+    with pytest.raises(ValueError, match="not a known open_clip tag.*standin"):
+        load_clip("pretrained:nope", "unclip-ref-test")
+    with pytest.raises(ValueError, match="set clip.arch"):
+        load_clip(str(weights))
+    with pytest.raises(ValueError, match="not pretrained:<tag>"):
+        load_clip(str(tmp_path / "missing.pt"), "unclip-ref-test")
+
+    # the registry: an alias is pinned to its version in the record
+    monkeypatch.setenv("UNCLIP_CACHE_DIR", str(tmp_path / "cache"))
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    trained = ClipEncoder(create_custom(TINY_CLIP), {"arch": "custom"}, TINY_CLIP)
+    trained.save(str(tmp_path / "trained"))
+    with mlflow.start_run():
+        version, _ = register_checkpoint(str(tmp_path / "trained"), "ref-clip", None)
+    reg = load_clip("models:/ref-clip@champion")
+    assert reg.identity["source"] == f"models:/ref-clip/{version}"
+    reg.save_reference(str(tmp_path / "ref-reg"))
+    np.testing.assert_allclose(load_clip(str(tmp_path / "ref-reg")).encode_text(captions),
+                               trained.encode_text(captions), atol=1e-6)
+
+    # weights that change under a recorded CLIP are refused, naming the file
+    from_file.save_reference(str(tmp_path / "ref-changed"))
+    from safetensors.torch import save_file
+
+    other = create_custom(TINY_CLIP)  # other random weights under the same name
+    save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(weights))
+    with pytest.raises(CheckpointError, match="changed since they were recorded"):
+        load_clip(str(tmp_path / "ref-changed"))
+
+
+@pytest.mark.slow
+def test_pipeline_with_a_pretrained_clip(tmp_path, ray_local):
+    """clip.source=pretrained:<tag>: the clip stage records it, embed's Ray actors load it from that
+    record alone (their processes know neither the architecture nor the tag), no clip.arch after."""
+    _stand_in_tag(tmp_path, "unclip-ref-pipe", "standin")
+    run_dir = tmp_path / "run"
+    assert main(["run", "--until", "embed", "preset=smoke", f"run_dir={run_dir}",
+                 "data.num_samples=48", "clip.source=pretrained:standin",
+                 "clip.arch=unclip-ref-pipe"]) == 0
+    clip_m = _manifest(run_dir, "clip")
+    ref = json.loads((run_dir / "clip" / "model" / "config.json").read_text())["reference"]
+    assert ref["kind"] == "tag" and ref["arch"] == "unclip-ref-pipe" and ref["digest"].startswith("sha256:")
+    assert clip_m["outputs"]["model"].endswith("model") and clip_m["metrics"]["dim"] == 16
+    identity = eio.read_identity(eio.list_files(str(run_dir / "embed" / "embeddings"))[0])
+    assert identity["source"] == "pretrained:standin" and identity["digest"] == ref["digest"]

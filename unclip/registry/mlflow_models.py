@@ -28,6 +28,8 @@ def _local_copy(folder: str, into: str) -> str:
     dst = os.path.join(into, "checkpoint")
     os.makedirs(dst)
     for name in (checkpoint.WEIGHTS, checkpoint.CONFIG):
+        if name == checkpoint.WEIGHTS and not storage.exists(storage.join(folder, name)):
+            continue  # a reference folder (a CLIP named by source and digest) has no weights
         with open(os.path.join(dst, name), "wb") as f:
             f.write(storage.read_bytes(storage.join(folder, name)))
     return dst
@@ -87,6 +89,18 @@ def _version_of(uri: str) -> tuple[str, str]:
     if not version.isdigit():
         raise LookupError(f"model URI {uri}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
     return name, version
+
+
+def pinned_uri(uri: str) -> str:
+    """``models:/NAME/VERSION`` for ``models:/NAME@ALIAS`` (an alias moves; a version does not)."""
+    import mlflow
+
+    try:
+        name, version = _version_of(uri)
+    except mlflow.exceptions.MlflowException as exc:
+        raise LookupError(f"model {uri} not found in {mlflow.get_tracking_uri()}: "
+                          f"{str(exc).splitlines()[0]}") from None
+    return f"models:/{name}/{version}"
 
 
 def resolve_checkpoint(uri: str, cache_dir: str | None = None) -> str:
