@@ -30,6 +30,7 @@ from pipelines.config import to_container
 from pipelines.context import StageContext, StageResult
 from stages import training
 from unclip import storage
+from unclip.devices import model_device
 from unclip.data.paired import PairedRows, iter_paired
 from unclip.data.shards import list_shards
 from unclip.diffusion import DiffusionConfig, GaussianDiffusion
@@ -278,8 +279,8 @@ def train_loop(config: dict[str, Any]) -> None:
     model = Decoder(DecoderConfig.from_dict(config["model"]),
                     DiffusionConfig.from_dict(config["diffusion"]))
     model = ray.train.torch.prepare_model(model)
-    device = next(model.parameters()).device
-    clip.model.to(device)
+    device = model_device(model)
+    clip.to(device)
     cfg = loop.LoopConfig.from_dict({**t, "eval_every": int(config["eval"]["grid_every"])})
     opt = loop.make_optimizer(model, cfg)
     ema = EMA(unwrap(model), cfg.ema_decay)

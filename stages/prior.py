@@ -24,6 +24,7 @@ from pipelines.config import to_container
 from pipelines.context import StageContext, StageResult
 from stages import training
 from stages.prior_data import read_holdout, read_split, split_dataset, train_statistics
+from unclip.devices import model_device, to_device, to_host, to_numpy
 from unclip.embeddings import io as eio
 from unclip.models.clip import ClipEncoder, load_clip, text_tokens
 from unclip.models.prior import mean_cosine, resolve_embed_scale
@@ -50,7 +51,7 @@ class CaptionEncoder:
 
     @torch.no_grad()
     def _compute(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        _, states, mask = text_tokens(self.model, self.clip.tokenize(captions).to(self.device))
+        _, states, mask = text_tokens(self.model, to_device(self.clip.tokenize(captions), self.device))
         return states, mask
 
     @torch.no_grad()
@@ -106,14 +107,14 @@ def sample(model: torch.nn.Module, kind: str, sampling: dict[str, Any], tokens: 
 def validate(model: torch.nn.Module, kind: str, sampling: dict[str, Any], encoder: CaptionEncoder,
              holdout: dict[str, Any], seed: int, batch_size: int = 256) -> dict[str, float]:
     """Mean cosine of sampled vs true z_i on held-out captions, and the two baselines."""
-    device = next(model.parameters()).device
+    device = model_device(model)
     g = torch.Generator().manual_seed(seed)
     out = []
     for i in range(0, len(holdout["captions"]), batch_size):
         tokens, mask = encoder(holdout["captions"][i:i + batch_size])
         zt = torch.as_tensor(holdout["text"][i:i + batch_size], device=device)
-        out.append(sample(model, kind, sampling, tokens, mask, zt, g).cpu())
-    z = torch.cat(out).numpy()
+        out.append(to_host(sample(model, kind, sampling, tokens, mask, zt, g)))
+    z = to_numpy(torch.cat(out))
     cos = mean_cosine(z, holdout["image"])
     base_text = mean_cosine(holdout["text"], holdout["image"])
     base_mean = mean_cosine(holdout["mean_train_image"], holdout["image"])

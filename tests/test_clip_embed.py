@@ -196,6 +196,9 @@ def test_clip_encoder_feeds_the_models_device():
     assert enc.encode_text(["a red circle"]).shape == (1, 16)
     pooled, states, mask = enc.encode_text_tokens(["a red circle", "a blue star"])
     assert states.shape == (2, 12, 16) and mask.shape == (2, 12)
+    from unclip.models.decoder_sampling import caption_condition  # the decoder's caption input
+
+    assert caption_condition(enc, ["a red circle"]).states.device.type == "meta"
     assert seen == {"meta"}, seen
 
 

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from unclip.devices import to_numpy
 from unclip.models.decoder_sampling import caption_condition, decode, invert
 from unclip.generation.images import InputError, check_prompt, from_pil, to_pil
 from unclip.generation.models import ModelRefs, resolve
@@ -214,7 +215,7 @@ class UnCLIP:
         if bad:
             raise InputError(f"--dims {bad}: each must be between 1 and {pca.n_components}")
         s = settings or Settings(decoder_sampler="ddim")
-        z = self.encode_images([image]).cpu().numpy().astype(np.float64)
+        z = to_numpy(self.encode_images([image]), np.float64)
         zs = []
         for k in dims:
             zs.append(pca.inverse_transform(pca.transform(z, n=k)))

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from unclip import checkpoint
+from unclip.devices import model_device
 from unclip.data.degradations import augment_low_res
 from unclip.diffusion import SAMPLERS, DiffusionConfig, GaussianDiffusion, sample
 
@@ -131,7 +132,7 @@ class Upsampler(torch.nn.Module):
         """Images ``scale`` times larger than ``low`` (B, 3, h, w) in [-1, 1], at any size (the UNet
         has no attention): few-step DDIM/DPM sampling, the input noised at a fixed small level."""
         self._check_low(low)
-        device = next(self.parameters()).device
+        device = model_device(self)
         low = low.to(device)
         level = int(self.config["aug_sample_level"] if aug_level is None else aug_level)
         gd = GaussianDiffusion(self.diffusion_config)

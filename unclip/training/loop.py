@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterable, Mapping, Protocol
 
 import torch
 
+from unclip.devices import model_device
 from unclip.training.state import EMA, unwrap
 
 log = logging.getLogger("unclip")
@@ -117,7 +118,7 @@ def train(session: Session, model: torch.nn.Module, optimizer: torch.optim.Optim
     every rank alike (gradients are all-reduced, so all ranks see the same norm); too many in a row
     stop training with a clear error, the last checkpoint kept.
     """
-    device = next(model.parameters()).device
+    device = model_device(model)
     autocast, scaler = autocast_for(device, cfg.amp)
     step, epoch, bad = start_step, start_epoch, 0
     meta: dict[str, Any] = {"step": step, "epoch": epoch}

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from unclip.data.degradations import augment_low_res, config_for, degrade, sample_aug_levels
+from unclip.devices import model_device
 from unclip.diffusion import GaussianDiffusion
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -76,7 +77,7 @@ def make_step_loss(diffusion: GaussianDiffusion, aug_max_level: int,
 
     def step_loss(model: torch.nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
         hr, low = batch
-        device = next(model.parameters()).device
+        device = model_device(model)
         hr, low = hr.to(device), low.to(device)
         t_aug = sample_aug_levels(hr.shape[0], aug_max_level, generator).to(device)
         low_aug = augment_low_res(low, t_aug, diffusion, generator)
