@@ -94,8 +94,9 @@ def run(ctx: StageContext) -> StageResult:
     final = {k: float(v) for k, v in (meta.get("metrics") or {}).items()
              if isinstance(v, (int, float))}
     folder = ctx.path("model")
+    # the sampling it was scored with travels with it: the cascade's "as trained" defaults
     ema.model.save(folder, extra={"trained_steps": meta.get("step"), "metrics": final,
-                                  "clip": clip.identity})
+                                  "clip": clip.identity, "sampling": to_container(c.sampling)})
     if bool(c.eval.neighbour_reference):
         final.update(_neighbour_reference(train_ds, holdout, int(c.eval.detector_size)))
     metric_name = str(c.register_metric)

@@ -101,3 +101,125 @@ def test_unreadable_image_is_one_line(store, tmp_path, capsys):
     assert _run(store, "vary", str(bad)) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: {bad}: not a readable image")
+
+
+# ---- the cascade's semantics, through the Python API ---------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cascade(store):
+    import mlflow
+
+    from unclip.generation import ModelRefs, UnCLIP
+
+    run_dir, paths = store
+    mlflow.set_tracking_uri(f"sqlite:///{run_dir}/mlflow.db")
+    return UnCLIP(ModelRefs.registered("champion")), [Image.open(p).convert("RGB") for p in paths]
+
+
+def _recording(model, monkeypatch):
+    """Every (z_i, x_T) the cascade decodes, in order."""
+    calls = []
+    decode = type(model).decode
+
+    def spy(self, z_i, prompts, s, generator=None, x_T=None, inverted=False):
+        calls.append((z_i.detach().clone(), None if x_T is None else x_T.detach().clone()))
+        return decode(self, z_i, prompts, s, generator, x_T, inverted)
+
+    monkeypatch.setattr(type(model), "decode", spy)
+    return calls
+
+
+def test_sampling_defaults_are_as_trained(cascade):
+    """Settings() takes what the prior and decoder stages validated with (smoke: prior 16 steps,
+    decoder 8), recorded in their checkpoints; a value given wins; inverted noise decodes at 1."""
+    from unclip.generation.cascade import Settings
+
+    model, _ = cascade
+    assert model.trained["decoder"]["steps"] == 8 and model.trained["prior"]["steps"] == 16
+    s = model.resolve(Settings())
+    assert (s.prior_steps, s.decoder_steps, s.decoder_sampler) == (16, 8, model.trained["decoder"]["sampler"])
+    assert s.prior_guidance == model.trained["prior"]["guidance_scale"]
+    assert s.decoder_guidance == model.trained["decoder"]["guidance_scale"] and s.decoder_eta == 0.0
+    given = model.resolve(Settings(decoder_steps=3, prior_guidance=2.5, decoder_guidance=1.5))
+    assert (given.decoder_steps, given.prior_guidance, given.decoder_guidance) == (3, 2.5, 1.5)
+    assert model.resolve(Settings(), inverted=True).decoder_guidance == 1.0
+
+
+def test_interpolation_endpoints_are_the_inputs_decodes(cascade, monkeypatch):
+    import torch
+    import torch.nn.functional as F
+
+    model, (a, b) = cascade
+    calls = _recording(model, monkeypatch)
+    frames = model.interpolate(a, b, frames=4, seed=1)[0]
+    z, x_T = calls[-1]
+    want = model.encode_images([a, b])
+    torch.testing.assert_close(z[0], want[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(z[-1], want[1], atol=1e-5, rtol=0)
+    # the middle frames lie on the great circle between them, in order
+    cos_a = F.cosine_similarity(z, want[:1]).tolist()
+    assert cos_a == sorted(cos_a, reverse=True) and cos_a[0] > cos_a[-1]
+    # and frame 0 is exactly the decode of z_a from that noise
+    again = model.decode(want[:1], None, model.resolve(None), torch.Generator().manual_seed(1), x_T=x_T[:1])
+    from unclip.generation.images import to_pil
+
+    assert to_pil(again)[0].tobytes() == frames[0].tobytes()
+
+
+def test_edit_frames_move_toward_the_target_caption(cascade, monkeypatch):
+    import torch.nn.functional as F
+
+    model, (a, _) = cascade
+    calls = _recording(model, monkeypatch)
+    model.edit(a, "a red circle", "a blue square", frames=4, max_theta=0.5, settings=None)
+    z, x_T = calls[-1]
+    z_src, z_tgt = model.encode_text(["a red circle"])[0], model.encode_text(["a blue square"])[0]
+    z_d = F.normalize(z_tgt - z_src, dim=-1)
+    toward = F.cosine_similarity(z, z_d).tolist()
+    assert all(later > earlier for earlier, later in zip(toward, toward[1:])), toward
+    assert F.cosine_similarity(z[:1], model.encode_images([a])).item() > 0.9999
+    assert x_T is not None and (x_T == x_T[:1]).all()  # one inverted x_T for every frame
+
+
+def test_pca_reconstruction_decodes_the_k_component_projection(cascade, monkeypatch):
+    import numpy as np
+
+    from unclip.embeddings.pca import PCA
+    from unclip.generation.models import resolve
+
+    model, (a, _) = cascade
+    calls = _recording(model, monkeypatch)
+    model.pca_reconstruct(a, [1, 3])
+    z, _ = calls[-1]
+    pca = PCA.load(resolve("models:/unclip-pca@champion"))
+    zi = model.encode_images([a]).cpu().numpy().astype(np.float64)
+    for row, k in zip(z.cpu().numpy(), (1, 3)):
+        proj = pca.inverse_transform(pca.transform(zi, n=k))[0]
+        np.testing.assert_allclose(row, proj / np.linalg.norm(proj), atol=1e-5)
+        # and it differs from the full embedding: k components drop the rest
+        assert np.abs(row - zi[0]).max() > 1e-3
+
+
+def test_variations_are_centred_on_the_input(cascade):
+    """The paper's variations: the input's inverted x_T with its z_i. At eta 0 DDIM gives the
+    decoder's reconstruction of the input back for every variation (identical); with eta > 0 they
+    differ, more so at a larger eta."""
+    import numpy as np
+
+    from unclip.generation.cascade import Settings
+
+    model, (a, _) = cascade
+
+    def spread(eta):
+        s = Settings(decoder_eta=eta, upsample=False, decoder_steps=8)
+        imgs = np.stack([np.asarray(im, np.float64) for im in model.vary(a, 3, seed=2, settings=s)[0]])
+        return float(np.abs(imgs - imgs.mean(0)).mean())
+
+    assert spread(0.0) == 0.0
+    low, high = spread(0.3), spread(1.0)
+    assert 0.0 < low < high, (low, high)
+    from unclip.generation.images import InputError
+
+    with pytest.raises(InputError, match="inverted"):
+        model.vary(a, 2, noise="other")

@@ -15,7 +15,7 @@ from typing import Sequence
 EPILOG = """examples:
   unclip generate "a red circle" --num-images 4 --seed 1
   unclip generate "a small blue square to the left of a green triangle" --all-resolutions
-  unclip vary photo.png --num-images 4
+  unclip vary photo.png --num-images 4 --eta 0.8
   unclip interpolate a.png b.png --frames 6 --noise interpolated
   unclip edit a.png --from "a red circle" --to "a blue circle"
   unclip pca-reconstruct a.png --dims 1,2,4,8,16
@@ -42,16 +42,22 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--no-upsample", action="store_true", help="stop at the decoder's resolution")
     g.add_argument("--all-resolutions", action="store_true", help="also write the intermediate resolutions")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    s = common.add_argument_group("sampling")
-    s.add_argument("--prior-guidance", type=float, default=4.0, help="prior guidance scale (default: %(default)s)")
+    s = common.add_argument_group(
+        "sampling", "every default is 'as trained': the settings the prior's and the decoder's stages "
+                    "validated with, recorded in their checkpoints")
+    s.add_argument("--prior-guidance", type=float, default=None, help="prior guidance scale")
     s.add_argument("--decoder-guidance", type=float, default=None,
-                   help="decoder guidance scale (default: 3; 1 for edit and --noise interpolated, "
-                        "which decode DDIM-inverted noise: 3 edits harder but keeps less of the input)")
-    s.add_argument("--prior-steps", type=int, default=64, help="prior sampling steps (default: %(default)s)")
-    s.add_argument("--decoder-steps", type=int, default=50, help="decoder sampling steps (default: %(default)s)")
-    s.add_argument("--upsampler-steps", type=int, default=None, help="upsampler steps (default: as trained)")
-    s.add_argument("--sampler", default="ddim", choices=("ddim", "dpm", "ddpm"),
-                   help="decoder sampler (default: %(default)s)")
+                   help="decoder guidance scale (1 for vary, edit and --noise interpolated, which "
+                        "decode DDIM-inverted noise: 3 edits harder but keeps less of the input)")
+    s.add_argument("--prior-steps", type=int, default=None, help="prior sampling steps")
+    s.add_argument("--prior-candidates", type=int, default=None,
+                   help="prior samples per image, the one closest to the caption kept")
+    s.add_argument("--decoder-steps", type=int, default=None, help="decoder sampling steps")
+    s.add_argument("--upsampler-steps", type=int, default=None, help="upsampler steps")
+    s.add_argument("--sampler", default=None, choices=("ddim", "dpm", "ddpm"), help="decoder sampler")
+    s.add_argument("--eta", type=float, default=None,
+                   help="DDIM eta of the decoder (vary: 0.5 from the inverted noise; 0 returns the "
+                        "input; larger values vary more)")
 
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     c = sub.add_parser("generate", parents=[common], help="images from a caption", epilog=EPILOG,
@@ -61,6 +67,9 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("vary", parents=[common], help="variations of an image")
     c.add_argument("image")
     c.add_argument("--num-images", type=int, default=4, help="variations to write (default: %(default)s)")
+    c.add_argument("--noise", choices=("inverted", "fresh"), default="inverted",
+                   help="decoder noise x_T: the image's own DDIM inversion (the paper's variations, "
+                        "varied by --eta), or fresh noise per variation (default: %(default)s)")
     c = sub.add_parser("interpolate", parents=[common], help="frames between two images")
     c.add_argument("image_a")
     c.add_argument("image_b")
@@ -120,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             stages = model.generate(args.prompt, args.num_images, args.seed, s)
             stem = "_".join(args.prompt.lower().split())[:60]
         elif args.command == "vary":
-            stages = model.vary(images["image"], args.num_images, args.seed, s)
+            stages = model.vary(images["image"], args.num_images, args.seed, s, args.noise)
             stem = "variation"
         elif args.command == "interpolate":
             stages = model.interpolate(images["image_a"], images["image_b"], args.frames, args.seed, args.noise, s)
@@ -157,8 +166,9 @@ def _settings(args: argparse.Namespace):
     from unclip.generation.cascade import Settings
 
     return Settings(prior_guidance=args.prior_guidance, decoder_guidance=args.decoder_guidance,
-                    prior_steps=args.prior_steps, decoder_steps=args.decoder_steps,
-                    decoder_sampler=args.sampler, upsampler_steps=args.upsampler_steps,
+                    prior_steps=args.prior_steps, prior_candidates=args.prior_candidates,
+                    decoder_steps=args.decoder_steps, decoder_sampler=args.sampler,
+                    decoder_eta=args.eta, upsampler_steps=args.upsampler_steps,
                     upsample=not args.no_upsample)
 
 

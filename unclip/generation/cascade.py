@@ -1,7 +1,7 @@
 """The unCLIP cascade at inference: CLIP text encoder -> prior -> decoder -> two upsamplers.
 
 Every manipulation of the paper (Sec. 3) works in CLIP image-embedding space and then decodes:
-variations keep z_i and draw new decoder noise; interpolations slerp two embeddings; text diffs
+variations keep z_i and the DDIM-inverted x_T and add noise along the way (DDIM eta > 0); interpolations slerp two embeddings; text diffs
 slerp z_i towards the normalized difference of two caption embeddings, from the DDIM-inverted x_T
 of the image; PCA reconstructions keep the first k principal components of z_i.
 """
@@ -31,10 +31,20 @@ def slerp(a: torch.Tensor, b: torch.Tensor, theta: float) -> torch.Tensor:
     return F.normalize(out, dim=-1)
 
 
+# DDIM eta of variations from the inverted x_T (0 gives the input back; see README "Variations").
+VARY_ETA = 0.5
+# Used only for a checkpoint that records no sampling settings (written before they were recorded).
+FALLBACK = {"prior": {"sampler": "ddpm", "steps": 64, "guidance_scale": 1.0, "num_candidates": 2},
+            "decoder": {"sampler": "ddim", "steps": 50, "guidance_scale": 3.0}}
+
+
 @dataclass
 class Settings:
-    """Sampling settings of one call. ``None``: ``decoder_guidance`` is 3 from fresh noise and 1
-    from DDIM-inverted noise (edits, interpolated noise: the map that noise was inverted for);
+    """Sampling settings of one call. ``None`` means *as trained*: the settings the prior's and the
+    decoder's stage validated with, recorded in their checkpoints (``sampling`` in config.json),
+    so a paper-preset model samples as the paper does and a tiny one as tiny. Exceptions:
+    ``decoder_guidance`` is 1 for DDIM-inverted noise (edits, variations, interpolated noise: the
+    map that noise was inverted for) unless given; ``decoder_eta`` is 0 except for variations;
     ``upsampler_steps`` is the step count each upsampler was trained for.
 
     Text diffs on the tiny decoder (12 held-out one-object images, colour edits, 50 DDIM steps):
@@ -42,14 +52,24 @@ class Settings:
     the shape kept on 83%; guidance 3: 32.0 dB, 75% and 67%.
     """
 
-    prior_guidance: float = 4.0
+    prior_guidance: float | None = None
     decoder_guidance: float | None = None
-    prior_steps: int = 64
-    prior_candidates: int = 2
-    decoder_sampler: str = "ddim"
-    decoder_steps: int = 50
+    prior_steps: int | None = None
+    prior_candidates: int | None = None
+    prior_sampler: str | None = None
+    decoder_sampler: str | None = None
+    decoder_steps: int | None = None
+    decoder_eta: float | None = None
     upsampler_steps: int | None = None
     upsample: bool = True
+
+
+def trained_sampling(folder: str, stage: str) -> dict:
+    """The sampling settings a checkpoint's stage validated with (FALLBACK where it records none)."""
+    from unclip import checkpoint
+
+    recorded = checkpoint.read_config(folder).get("sampling") or {}
+    return {**FALLBACK[stage], **recorded}
 
 
 class UnCLIP:
@@ -68,9 +88,14 @@ class UnCLIP:
         self.clip = load_clip(resolve(refs.clip))
         self.clip.model.to(self.device)
         self._say(f"loading prior {refs.prior}")
-        self.prior = load_prior(resolve(refs.prior)).to(self.device)
+        prior_folder = resolve(refs.prior)
+        self.prior = load_prior(prior_folder).to(self.device)
         self._say(f"loading decoder {refs.decoder}")
-        self.decoder = load_decoder(resolve(refs.decoder)).to(self.device)
+        decoder_folder = resolve(refs.decoder)
+        self.decoder = load_decoder(decoder_folder).to(self.device)
+        # "as trained": what each stage validated with, the defaults of every Settings field
+        self.trained = {"prior": trained_sampling(prior_folder, "prior"),
+                        "decoder": trained_sampling(decoder_folder, "decoder")}
         self.upsamplers = []
         for ref in (refs.upsampler1, refs.upsampler2):
             if ref:
@@ -96,15 +121,38 @@ class UnCLIP:
     def encode_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
         return torch.from_numpy(self.clip.encode_images(list(images))).to(self.device)
 
-    def prior_sample(self, prompts: Sequence[str], s: Settings,
+    def resolve(self, s: Settings | None = None, inverted: bool = False) -> Settings:
+        """``s`` with every ``None`` replaced by the value the models were trained with."""
+        s = s or Settings()
+        p, d = self.trained["prior"], self.trained["decoder"]
+        pick = lambda given, default: default if given is None else given  # noqa: E731
+        guidance = s.decoder_guidance
+        if guidance is None:
+            guidance = 1.0 if inverted else float(d["guidance_scale"])
+        return replace(
+            s, prior_guidance=float(pick(s.prior_guidance, p["guidance_scale"])),
+            prior_steps=int(pick(s.prior_steps, p.get("steps", FALLBACK["prior"]["steps"]))),
+            prior_candidates=int(pick(s.prior_candidates, p["num_candidates"])),
+            prior_sampler=str(pick(s.prior_sampler, p.get("sampler", FALLBACK["prior"]["sampler"]))),
+            decoder_sampler=str(pick(s.decoder_sampler, d["sampler"])),
+            decoder_steps=int(pick(s.decoder_steps, d["steps"])), decoder_guidance=float(guidance),
+            decoder_eta=float(pick(s.decoder_eta, d.get("eta", 0.0))))
+
+    def prior_sample(self, prompts: Sequence[str], s: Settings | None = None,
                      generator: torch.Generator | None = None) -> torch.Tensor:
         from unclip.models.prior import DiffusionPrior
 
+        s = self.resolve(s)
         z_t, states, mask = self.encode_text(prompts)
         kwargs = dict(guidance_scale=s.prior_guidance, num_candidates=s.prior_candidates,
                       generator=generator)
         if isinstance(self.prior, DiffusionPrior):
-            kwargs["steps"] = s.prior_steps
+            kwargs.update(steps=s.prior_steps, sampler=s.prior_sampler)
+        else:  # the AR prior's own recorded options (temperature, similarity quantile)
+            for key in ("temperature", "sim_quantile"):
+                if key in self.trained["prior"]:
+                    value = self.trained["prior"][key]
+                    kwargs[key] = tuple(value) if key == "sim_quantile" else value
         return self.prior.sample(states, mask, z_t, **kwargs)
 
     @torch.no_grad()
@@ -113,20 +161,19 @@ class UnCLIP:
                inverted: bool = False) -> torch.Tensor:
         """Decoder samples (B, 3, R, R) in [-1, 1] for image embeddings (and captions); ``inverted``
         says ``x_T`` came from :meth:`invert`."""
+        s = self.resolve(s, inverted)
         text = None
         if prompts is not None and self.decoder.cfg.use_caption:
             text = caption_condition(self.clip, [check_prompt(p) for p in prompts])
-        guidance = s.decoder_guidance
-        if guidance is None:
-            guidance = 1.0 if inverted else 3.0
-        return decode(self.decoder, z_i, text, guidance, s.decoder_sampler, s.decoder_steps,
-                      generator=generator, x_T=x_T)
+        return decode(self.decoder, z_i, text, s.decoder_guidance, s.decoder_sampler, s.decoder_steps,
+                      generator=generator, x_T=x_T, eta=s.decoder_eta)
 
     @torch.no_grad()
     def invert(self, images: Sequence[Image.Image], z_i: torch.Tensor, s: Settings) -> torch.Tensor:
         """DDIM-inverted decoder noise x_T of images (unguided), conditioned on their own
         embeddings, for the steps that will decode it."""
-        return invert(self.decoder, from_pil(images, self.resolution), z_i, None, s.decoder_steps)
+        return invert(self.decoder, from_pil(images, self.resolution), z_i, None,
+                      self.resolve(s).decoder_steps)
 
     @torch.no_grad()
     def upsample(self, base: torch.Tensor, s: Settings,
@@ -152,12 +199,26 @@ class UnCLIP:
         return self._finish(self.decode(z_i, [prompt] * num_images, s, g), s, g)
 
     def vary(self, image: Image.Image, num_images: int = 4, seed: int = 0,
-             settings: Settings | None = None) -> list[list[Image.Image]]:
-        """Variations: the image's CLIP embedding decoded with new noise (no caption)."""
-        s = settings or Settings()
+             settings: Settings | None = None, noise: str = "inverted") -> list[list[Image.Image]]:
+        """Variations as in the paper (Sec. 3.1): the image's own bipartite latent (z_i, x_T), x_T
+        from DDIM inversion, decoded by DDIM with ``eta`` > 0 (``decoder_eta``, default
+        :data:`VARY_ETA`), so that variations stay centred on the input: at eta 0 it comes back.
+        ``noise="fresh"`` draws a new x_T per variation instead (the image's z_i alone)."""
+        if noise not in ("inverted", "fresh"):
+            raise InputError(f"noise must be 'inverted' or 'fresh', got {noise!r}")
         g = torch.Generator().manual_seed(seed)
-        z_i = self.encode_images([image]).repeat(num_images, 1)
-        return self._finish(self.decode(z_i, None, s, g), s, g)
+        z_i = self.encode_images([image])
+        if noise == "fresh":
+            s = settings or Settings()
+            return self._finish(self.decode(z_i.repeat(num_images, 1), None, s, g), s, g)
+        s = replace(settings or Settings(), decoder_sampler="ddim")  # inversion's map is DDIM's
+        if s.decoder_eta is None:
+            s = replace(s, decoder_eta=VARY_ETA)
+        if s.decoder_eta < 0:
+            raise InputError(f"--eta must be >= 0, got {s.decoder_eta}")
+        x_T = self.invert([image], z_i, s).repeat(num_images, 1, 1, 1)
+        return self._finish(self.decode(z_i.repeat(num_images, 1), None, s, g, x_T=x_T, inverted=True),
+                            s, g)
 
     def interpolate(self, image_a: Image.Image, image_b: Image.Image, frames: int = 5, seed: int = 0,
                     noise: str = "fixed", settings: Settings | None = None) -> list[list[Image.Image]]:
