@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 from pipelines import runtime, tracking
 from pipelines.executor import StageError, execute
 from pipelines.graph import Graph
+from pipelines.lock import run_lock
 from pipelines.manifest import read_manifest
 from pipelines.status import DONE, evaluate_all
 
@@ -33,9 +34,18 @@ def run(graph: Graph, cfg: DictConfig, overrides: Sequence[str], stages: Sequenc
         force: bool = False) -> list[StageRun]:
     """Run ``stages`` (default: all) in graph order, skipping those already done unless forced."""
     wanted = [s.name for s in graph.stages] if stages is None else [graph[s].name for s in stages]
-    report: list[StageRun] = []
     tracking.check_reachable(tracking.tracking_uri(cfg))  # a dead server fails now, not mid-run
+    lock_cfg = cfg.pipeline.get("lock") or {}
+    with run_lock(str(cfg.run_dir), float(lock_cfg.get("stale_after_s", 120)),
+                  float(lock_cfg.get("refresh_s", 30))) as lock:
+        return _run_locked(graph, cfg, overrides, wanted, force, lock)
+
+
+def _run_locked(graph: Graph, cfg: DictConfig, overrides: Sequence[str], wanted: list[str],
+                force: bool, lock) -> list[StageRun]:
+    report: list[StageRun] = []
     for name in [s.name for s in graph.stages if s.name in wanted]:
+        lock.check()
         st = evaluate_all(graph, cfg)[name]
         if st.state == DONE and not force:
             log.info("stage %-9s done, skipped", name)
