@@ -74,3 +74,23 @@ def test_bad_option_fails_naming_it(overrides, named, capsys):
     assert main(["plan", *overrides]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and named in err[0], err
+
+
+def test_clip_dims_come_from_the_configured_source(tmp_path):
+    """A CLIP checkpoint folder is sized from its config.json, a weights file from clip.arch's
+    open_clip config; neither file's weights are read, and the prior and decoder take its dims."""
+    from unclip.models.clip import ClipEncoder, create_custom
+
+    arch = {"embed_dim": 48, "vision_cfg": {"image_size": 16, "patch_size": 8, "width": 32, "layers": 1,
+                                            "head_width": 16},
+            "text_cfg": {"context_length": 12, "width": 40, "heads": 2, "layers": 1}}
+    folder = str(tmp_path / "clip")
+    ClipEncoder(create_custom(arch), {"arch": "custom"}, arch).save(folder)
+    plan = make_plan(load_config(["preset=smoke", f"clip.source={folder}"]))
+    assert (plan.clip["embedding dim"], plan.clip["text width"], plan.clip["context length"]) == (48, 40, 12)
+    rows = {r.built.name: r for r in plan.rows}
+    assert not rows["CLIP (frozen)"].built.trained and rows["decoder"].frozen == plan.params("CLIP (frozen)")
+    weights = tmp_path / "clip.safetensors"
+    weights.write_bytes(b"")  # plan never opens it
+    plan = make_plan(load_config(["preset=smoke", f"clip.source={weights}", "clip.arch=ViT-B-32"]))
+    assert plan.clip["embedding dim"] == 512 and 140e6 < plan.params("CLIP (frozen)") < 160e6
