@@ -29,6 +29,13 @@ environment:
   AWS_*                credentials / endpoint for s3:// URIs (never logged)
 """
 
+PLAN_DESCRIPTION = """\
+Check every stage's options against configs/ and each model's own validator (exit 2 with one line
+naming the bad key), build every model on the meta device (no memory, no download, no GPU) and print
+its parameters beside the paper's Table 3, and its training memory per GPU (fp32 weights, gradients,
+AdamW moments, EMA) under DDP and FSDP, with the stage's global batch and iterations.
+"""
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pipelines", description=__doc__, epilog=EPILOG,
@@ -48,6 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("overrides", nargs="*", help="Hydra overrides key=value")
     pl = sub.add_parser("plan", help="check every stage's options, print each model's size and training "
                         "memory per GPU; no GPU, no download (make plan)", epilog=EPILOG,
+                        description=PLAN_DESCRIPTION,
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     pl.add_argument("overrides", nargs="*", help="Hydra overrides key=value")
     sub.add_parser("stages", help="list the stages, their inputs and what they do")
