@@ -82,6 +82,9 @@ def _open_clip(source: str, arch: str | None):
 
     from unclip.models.clip import ClipEncoder
 
+    if not arch and storage.is_remote(source):
+        raise ConfigError(f"clip.source: plan reads nothing remote ({source}); set clip.arch when it "
+                          "is a weights file, or plan with a local copy of the checkpoint folder")
     if not arch:
         raise ConfigError(f"clip.arch: required with clip.source {source!r} (an open_clip "
                           "architecture name, e.g. ViT-H-14)")
@@ -101,12 +104,13 @@ def _open_clip(source: str, arch: str | None):
         raise ConfigError(f"clip.source: {source!r} is not pretrained:<tag>, nor an existing weights "
                           "file or checkpoint folder")
     root = logging.getLogger()
-    level, root.level = root.level, logging.ERROR  # "no pretrained weights loaded": none were asked for
+    level = root.level
+    root.setLevel(logging.ERROR)  # open_clip warns "no pretrained weights loaded": none were asked for
     try:
         with META:
             model = open_clip.create_model(arch, pretrained=None, device=META)
     finally:
-        root.level = level
+        root.setLevel(level)
     return ClipEncoder(model, {"arch": arch})
 
 
