@@ -67,6 +67,7 @@ def test_paper_memory_and_batches(paper):
     (["+decoder.train.totl_steps=5"], "decoder.train.totl_steps"),
     (["decoder.train.lr_schedule=cosin"], "decoder.train.lr_schedule"),
     (["prior.diffusion.model.heads=7"], "prior.diffusion.model"),
+    (["decoder.diffusion.beta_schedule=bogus"], "decoder.diffusion.beta_schedule"),
     (["upsample2.model.norm_num_groups=5"], "upsample2.model"),
     (["preset=paper", "clip.source=pretrained:nosuchtag"], "clip.source"),
 ])

@@ -26,6 +26,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "*.sampling.sampler": ("ddpm", "ddim", "dpm"),
     "evaluate.decoder_sampler": ("ddpm", "ddim", "dpm"),
     "prior.kind": ("diffusion", "autoregressive"),
+    "*.beta_schedule": ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid"),  # diffusers DDPM
     "upsample?.kind": ("blur", "bsr"),
 }
 

@@ -37,12 +37,13 @@ class Built:
 
 
 def named(key: str, fn: Callable, *args: Any, **kwargs: Any) -> Any:
-    """``fn(*args)``, its ValueError / TypeError / KeyError turned into a ConfigError naming ``key``."""
+    """``fn(*args)``, its ValueError / TypeError / KeyError turned into a ConfigError naming ``key``
+    (and diffusers' NotImplementedError for an unknown beta_schedule)."""
     try:
         return fn(*args, **kwargs)
     except ConfigError:
         raise
-    except (ValueError, TypeError, KeyError) as exc:
+    except (ValueError, TypeError, KeyError, NotImplementedError) as exc:
         msg = str(exc.args[0] if exc.args else exc).splitlines()[0]
         raise ConfigError(f"{key}: {msg}") from exc
 
@@ -183,7 +184,8 @@ def upsampler(cfg: DictConfig, name: str) -> Built:
 
     c = cfg[name]
     high, low, crop = named(name, sizes, c)
-    named(f"{name}.diffusion", lambda: GaussianDiffusion(DiffusionConfig.from_dict(to_container(c.diffusion))))
+    diffusion = named(f"{name}.diffusion", DiffusionConfig.from_dict, to_container(c.diffusion))
+    named(f"{name}.diffusion", GaussianDiffusion, diffusion)
     mcfg = named(f"{name}.model", model_config, c)
     multiple = Upsampler.multiple_for(mcfg)
     if crop % multiple or high % multiple:
