@@ -12,7 +12,7 @@ STAGE ?=
 FORCE ?=
 PYTEST_ARGS ?=
 
-.PHONY: venv pipeline stage status test bench mlflow-ui clean help
+.PHONY: venv pipeline stage status plan test bench mlflow-ui clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/'
@@ -34,6 +34,9 @@ stage: $(STAMP)  ## run one stage: make stage STAGE=filter [FORCE=1] ARGS="..."
 
 status: $(STAMP)  ## print every stage as done / stale / missing: make status ARGS="preset=smoke"
 	$(BIN)/python -m pipelines status $(ARGS)
+
+plan: $(STAMP)  ## check a preset, print model sizes and GPU memory (no GPU, no download): make plan ARGS="preset=paper"
+	$(BIN)/python -m pipelines plan $(ARGS)
 
 RUN_DIR ?= runs/tiny
 mlflow-ui: $(STAMP)  ## browse the local MLflow store of RUN_DIR (default runs/tiny) on http://127.0.0.1:5000

@@ -1,4 +1,5 @@
-"""``python -m pipelines``: run the whole pipeline, one stage, or show the status of every stage."""
+"""``python -m pipelines``: run the whole pipeline, one stage, show the status of every stage, or
+check a preset and size its models without a GPU (plan)."""
 
 from __future__ import annotations
 
@@ -28,11 +29,18 @@ environment:
   AWS_*                credentials / endpoint for s3:// URIs (never logged)
 """
 
+PLAN_DESCRIPTION = """\
+Check every stage's options against configs/ and each model's own validator (exit 2 with one line
+naming the bad key), build every model on the meta device (no memory, no download, no GPU) and print
+its parameters beside the paper's Table 3, and its training memory per GPU (fp32 weights, gradients,
+AdamW moments, EMA) under DDP and FSDP, with the stage's global batch and iterations.
+"""
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pipelines", description=__doc__, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True, metavar="{run,stage,status,stages}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{run,stage,status,plan,stages}")
     r = sub.add_parser("run", help="run every stage that is not done (make pipeline)", epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     r.add_argument("--force", action="store_true", help="re-run every stage, done or not")
@@ -45,6 +53,11 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("overrides", nargs="*", help="Hydra overrides key=value")
     st = sub.add_parser("status", help="print every stage as done / stale / missing (make status)")
     st.add_argument("overrides", nargs="*", help="Hydra overrides key=value")
+    pl = sub.add_parser("plan", help="check every stage's options, print each model's size and training "
+                        "memory per GPU; no GPU, no download (make plan)", epilog=EPILOG,
+                        description=PLAN_DESCRIPTION,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    pl.add_argument("overrides", nargs="*", help="Hydra overrides key=value")
     sub.add_parser("stages", help="list the stages, their inputs and what they do")
     return p
 
@@ -99,6 +112,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "status":
             print(f"run_dir: {cfg.run_dir}")
             print(_status_table(evaluate_all(graph, cfg)))
+            return 0
+        if args.command == "plan":
+            from pipelines.plan import format_plan, make_plan
+
+            print(format_plan(make_plan(cfg)))
             return 0
         if args.command == "stage":
             report = run(graph, cfg, args.overrides, stages=[args.name], force=args.force)
