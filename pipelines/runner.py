@@ -15,6 +15,7 @@ from pipelines import runtime, tracking
 from pipelines.executor import StageError, execute
 from pipelines.graph import Graph
 from pipelines.lock import run_lock
+from pipelines.plan.checks import check as check_config
 from pipelines.manifest import read_manifest
 from pipelines.status import DONE, evaluate_all
 
@@ -34,6 +35,7 @@ def run(graph: Graph, cfg: DictConfig, overrides: Sequence[str], stages: Sequenc
         force: bool = False) -> list[StageRun]:
     """Run ``stages`` (default: all) in graph order, skipping those already done unless forced."""
     wanted = [s.name for s in graph.stages] if stages is None else [graph[s].name for s in stages]
+    check_config(cfg)  # an unknown or ill-typed key anywhere fails now, before any stage runs
     tracking.check_reachable(tracking.tracking_uri(cfg))  # a dead server fails now, not mid-run
     lock_cfg = cfg.pipeline.get("lock") or {}
     with run_lock(str(cfg.run_dir), float(lock_cfg.get("stale_after_s", 120)),
