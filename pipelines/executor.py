@@ -14,7 +14,7 @@ from pipelines.config import to_container
 from pipelines.context import StageContext, StageResult
 from pipelines.graph import Graph
 from pipelines.manifest import Manifest, code_version, manifest_uri, write_manifest
-from pipelines.status import DONE, evaluate_all, stage_config_hash
+from pipelines.status import DONE, HASH_VERSION, evaluate_all, stage_config_hash
 from unclip import storage
 
 log = logging.getLogger(__name__)
@@ -75,6 +75,7 @@ def execute(graph: Graph, cfg: DictConfig, name: str) -> Manifest:
         started_at=started,
         finished_at=_now(),
         duration_s=round(duration, 3),
+        hash_version=HASH_VERSION,
     )
     write_manifest(cfg.run_dir, manifest)
     if result.summary:

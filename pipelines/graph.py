@@ -19,6 +19,26 @@ class StageSpec:
     # Optional "module:function" (cfg -> JSON-able) identifying inputs no stage produced, such as
     # an external shard folder; a change in it makes the stage stale.
     fingerprint: str | None = None
+    # Keys under the stage's config (dotted, relative to its subtree) that cannot change its
+    # result: logging, checkpoint and evaluation cadence, threads, batch sizes of pure inference,
+    # caches. They stay out of the config hash and the checkpoint name, so changing one neither
+    # re-runs a finished stage nor restarts an interrupted training from step 0.
+    operational: tuple[str, ...] = ()
+
+    def result_config(self, cfg) -> dict:
+        """The part of ``cfg`` that defines this stage's result (``config_keys`` less
+        ``operational``), resolved."""
+        from pipelines.config import to_container
+
+        out = {k: to_container(cfg[k]) for k in self.config_keys}
+        for dotted in self.operational:  # relative to the first (the stage's own) subtree
+            node = out[self.config_keys[0]]
+            parts = dotted.split(".")
+            for part in parts[:-1]:
+                node = node.get(part) if isinstance(node, dict) else None
+            if isinstance(node, dict):
+                node.pop(parts[-1], None)
+        return out
 
     def load(self) -> Callable:
         return _resolve(self.entry)
@@ -32,6 +52,8 @@ def _resolve(ref: str) -> Callable:
     return getattr(importlib.import_module(module), func)
 
 
+_TRAINING = ("train.log_every", "train.checkpoint_every")
+
 STAGES: tuple[StageSpec, ...] = (
     StageSpec("data", (), ("data",), "stages.data:run",
               "synthetic shapes, an image folder import, or existing shards",
@@ -39,22 +61,30 @@ STAGES: tuple[StageSpec, ...] = (
     StageSpec("filter", ("data",), ("filter",), "stages.filter:run",
               "drop bad samples by reason; RGB-convert the rest"),
     StageSpec("clip", ("filter",), ("clip",), "stages.clip:run",
-              "a configured CLIP, or one trained here with open_clip (Ray Train)"),
+              "a configured CLIP, or one trained here with open_clip (Ray Train)",
+              operational=("train.log_every", "train.cache_decoded_max_mb")),
     StageSpec("embed", ("filter", "clip"), ("embed",), "stages.embed:run",
-              "CLIP image + text embeddings to Parquet (Ray Data actor pool)"),
+              "CLIP image + text embeddings to Parquet (Ray Data actor pool)",
+              operational=("batch_size", "num_actors")),
     StageSpec("pca", ("embed",), ("pca",), "stages.pca:run",
-              "out-of-core PCA of the image embeddings + AR-prior bucket edges (Ray Data passes)"),
+              "out-of-core PCA of the image embeddings + AR-prior bucket edges (Ray Data passes)",
+              operational=("batch_size",)),
     StageSpec("prior", ("embed", "pca", "clip"), ("prior",), "stages.prior:run",
-              "diffusion or autoregressive prior P(z_i | caption) (Ray Train), held-out cosine"),
+              "diffusion or autoregressive prior P(z_i | caption) (Ray Train), held-out cosine",
+              operational=(*_TRAINING, "train.eval_every", "cache_text_encodings")),
     StageSpec("upsample1", ("filter",), ("upsample1",), "stages.upsample:run",
-              "x4 diffusion upsampler on Gaussian-blurred inputs (conv-only UNet, Ray Train)"),
+              "x4 diffusion upsampler on Gaussian-blurred inputs (conv-only UNet, Ray Train)",
+              operational=(*_TRAINING, "train.eval_every", "validation.grid_rows")),
     StageSpec("upsample2", ("filter",), ("upsample2",), "stages.upsample:run",
-              "x4 diffusion upsampler on BSR-degraded inputs (conv-only UNet, Ray Train)"),
+              "x4 diffusion upsampler on BSR-degraded inputs (conv-only UNet, Ray Train)",
+              operational=(*_TRAINING, "train.eval_every", "validation.grid_rows")),
     StageSpec("decoder", ("filter", "embed", "clip"), ("decoder",), "stages.decoder:run",
-              "GLIDE-style diffusion decoder P(x | z_i, caption) (Ray Train), detector-scored decodes"),
+              "GLIDE-style diffusion decoder P(x | z_i, caption) (Ray Train), detector-scored decodes",
+              operational=(*_TRAINING, "train.torch_threads", "eval.grid_every", "eval.grid_images")),
     StageSpec("evaluate", ("filter", "clip", "prior", "decoder", "upsample1", "upsample2"),
               ("evaluate",), "stages.evaluate:run",
-              "the whole cascade on held-out captions: detector accuracies, CLIP score, FD, grid.png"),
+              "the whole cascade on held-out captions: detector accuracies, CLIP score, FD, grid.png",
+              operational=("num_actors",)),
 )
 
 

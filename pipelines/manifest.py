@@ -35,11 +35,15 @@ class Manifest:
     started_at: str = ""
     finished_at: str = ""
     duration_s: float = 0.0
+    hash_version: int = 1                  # how config_hash was computed (pipelines.status)
 
     @property
     def digest(self) -> str:
         """Identity of this stage result; downstream manifests record it."""
-        blob = json.dumps(asdict(self), sort_keys=True, default=str)
+        d = asdict(self)
+        if d["hash_version"] == 1:  # manifests written before the field: the digest they had
+            d.pop("hash_version")
+        blob = json.dumps(d, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def to_json(self) -> dict[str, Any]:

@@ -22,8 +22,25 @@ class StageStatus:
     manifest: Manifest | None = None
 
 
+# 2: the hash covers only the keys that define a stage's result (StageSpec.operational left out);
+# 1 (manifests without the field): the whole config subtree.
+HASH_VERSION = 2
+
+
 def stage_config_hash(spec: StageSpec, cfg: DictConfig) -> str:
+    return config_hash(spec.result_config(cfg))
+
+
+def legacy_config_hash(spec: StageSpec, cfg: DictConfig) -> str:
+    """The hash written before HASH_VERSION 2 (every key of the stage's subtrees)."""
     return config_hash({k: cfg[k] for k in spec.config_keys})
+
+
+def config_matches(spec: StageSpec, cfg: DictConfig, manifest: Manifest) -> bool:
+    if manifest.config_hash == stage_config_hash(spec, cfg):
+        return True
+    # a run directory written before: its stages stay done while their whole subtree is unchanged
+    return manifest.hash_version < 2 and manifest.config_hash == legacy_config_hash(spec, cfg)
 
 
 def evaluate(spec: StageSpec, cfg: DictConfig, manifest: Manifest | None,
@@ -32,7 +49,7 @@ def evaluate(spec: StageSpec, cfg: DictConfig, manifest: Manifest | None,
     if manifest is None:
         return StageStatus(spec.name, MISSING)
     reasons = []
-    if manifest.config_hash != stage_config_hash(spec, cfg):
+    if not config_matches(spec, cfg, manifest):
         reasons.append("config changed")
     for name in spec.inputs:
         up = upstream[name]

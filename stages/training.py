@@ -19,7 +19,7 @@ import torch
 
 from pipelines import tracking
 from pipelines.context import StageContext
-from pipelines.status import stage_config_hash
+from pipelines.status import legacy_config_hash, stage_config_hash
 from pipelines.graph import Graph
 from unclip import storage
 from unclip.training.state import STATE_META, STATE_WEIGHTS, EMA, load_state, save_state, unwrap
@@ -35,7 +35,7 @@ def fit(ctx: StageContext, train_loop: Callable[[dict], None], loop_config: dict
 
     use_gpu = bool(ctx.cfg.ray.num_gpus) or (torch.cuda.is_available() and not ctx.cfg.ray.address
                                              and ctx.cfg.ray.num_gpus is None)
-    name = f"{ctx.name}-{stage_config_hash(Graph()[ctx.name], ctx.cfg)}"
+    name = checkpoint_name(ctx)
     config = {**loop_config,
               "mlflow": {"tracking_uri": tracking.tracking_uri(ctx.cfg), "run_id": ctx.mlflow_run_id},
               "fault": fault_injection(),
@@ -51,6 +51,19 @@ def fit(ctx: StageContext, train_loop: Callable[[dict], None], loop_config: dict
         datasets=datasets or {},
     )
     return trainer.fit()
+
+
+def checkpoint_name(ctx: StageContext) -> str:
+    """``<stage>-<hash of the keys that define the result>``: an operational change (log or
+    checkpoint cadence, threads) resumes the same training. A training interrupted before that
+    rule (named by the whole subtree's hash) is resumed under its old name."""
+    spec = Graph()[ctx.name]
+    name = f"{ctx.name}-{stage_config_hash(spec, ctx.cfg)}"
+    legacy = f"{ctx.name}-{legacy_config_hash(spec, ctx.cfg)}"
+    root = checkpoint_root(ctx)
+    if not storage.exists(storage.join(root, name)) and storage.exists(storage.join(root, legacy)):
+        return legacy
+    return name
 
 
 def worker_threads(requested: int | None) -> int:

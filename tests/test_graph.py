@@ -85,3 +85,68 @@ def test_unreadable_manifest_counts_as_missing(tmp_path):
     _finish(g, cfg, "a")
     (tmp_path / "a" / "manifest.json").write_text("{not json")
     assert _states(g, cfg)["a"] == MISSING
+
+
+OPS = (
+    StageSpec("a", (), ("a",), "x:y", operational=("log_every", "train.threads")),
+    StageSpec("b", ("a",), ("b",), "x:y"),
+)
+
+
+def _ops_cfg(tmp_path, v=1, log_every=5, threads=2):
+    return OmegaConf.create({"run_dir": str(tmp_path), "pipeline": {"code_version_invalidates": False},
+                             "a": {"v": v, "log_every": log_every, "train": {"threads": threads, "lr": 1}},
+                             "b": {"v": 1}})
+
+
+def test_operational_keys_do_not_invalidate(tmp_path):
+    """Logging cadence or threads cannot change a result: the stage stays done. A result key
+    re-runs it and everything downstream."""
+    g = Graph(OPS)
+    cfg = _ops_cfg(tmp_path)
+    for name in "ab":
+        _finish(g, cfg, name)
+    assert set(_states(g, _ops_cfg(tmp_path, log_every=50, threads=8)).values()) == {DONE}
+    assert _states(g, _ops_cfg(tmp_path, v=2)) == {"a": STALE, "b": STALE}
+    assert stage_config_hash(g["a"], cfg) == stage_config_hash(g["a"], _ops_cfg(tmp_path, threads=1))
+    assert stage_config_hash(g["a"], cfg) != stage_config_hash(g["a"], _ops_cfg(tmp_path, v=3))
+
+
+def test_run_directory_from_before_the_rule_stays_done(tmp_path):
+    """Manifests written when the hash covered the whole subtree (no hash_version) keep their
+    digests and stay done while that subtree is unchanged; a changed result key is still stale."""
+    import hashlib
+    import json
+    from dataclasses import asdict
+
+    from pipelines.manifest import read_manifest
+    from pipelines.status import legacy_config_hash
+
+    g = Graph(OPS)
+    cfg = _ops_cfg(tmp_path)
+    old = Manifest(stage="a", config_hash=legacy_config_hash(g["a"], cfg), inputs={},
+                   code_version=code_version(), outputs={})
+    record = {k: v for k, v in asdict(old).items() if k != "hash_version"}
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "manifest.json").write_text(json.dumps(record))
+    back = read_manifest(str(tmp_path), "a")
+    assert back.hash_version == 1
+    assert back.digest == hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()
+                                         ).hexdigest()[:16]  # what downstream manifests recorded
+    assert _states(g, cfg)["a"] == DONE
+    assert _states(g, _ops_cfg(tmp_path, v=2))["a"] == STALE
+
+
+def test_every_declared_operational_key_exists():
+    """A typo in a stage's operational list would silently put a key back into the hash."""
+    from pipelines.graph import STAGES
+    from pipelines.plan.checks import EXTRA, defaults
+
+    d = defaults()
+    for spec in STAGES:
+        for dotted in spec.operational:
+            node = d[spec.config_keys[0]]
+            for part in dotted.split("."):
+                assert isinstance(node, dict) and (part in node or f"{spec.name}.{dotted}" in EXTRA), \
+                    (spec.name, dotted)
+                node = node.get(part) if part in node else None

@@ -316,7 +316,8 @@ def test_prior_resumes_after_a_killed_worker(smoke_run, tmp_path, monkeypatch):
 
 def test_prior_resumes_after_a_killed_driver(smoke_run, tmp_path):
     """SIGKILL the whole pipeline process (driver, its local Ray, the workers) once a checkpoint is
-    persisted: the re-run continues from that checkpoint's step, not from zero."""
+    persisted: the re-run continues from that checkpoint's step, not from zero, even with other
+    operational values (checkpoint and log cadence)."""
     import os
     import shutil
     import signal
@@ -354,7 +355,10 @@ def test_prior_resumes_after_a_killed_driver(smoke_run, tmp_path):
     assert 20 <= killed_after < 300, "no checkpoint was persisted before the driver ended"
     assert read_manifest(str(run_dir), "prior") is None
 
-    assert main(["run", "--until", "prior", *overrides]) == 0
+    # resumed under other operational values (log and checkpoint cadence define no result):
+    # the same training continues, it does not restart from step 0
+    assert main(["run", "--until", "prior", *overrides[:-1], "prior.train.checkpoint_every=100",
+                 "prior.train.log_every=7"]) == 0
     m = read_manifest(str(run_dir), "prior")
     assert m.metrics["trained_steps"] == 300
     assert m.metrics["resumed_from_step"] >= killed_after
