@@ -8,7 +8,7 @@ Ray's object store when they fit ``clip.train.cache_decoded_max_mb`` (tiny: 12 M
 
 This runs the real pipeline CLI on a fresh run directory (data -> filter -> clip, tiny preset at
 512 px with fewer samples and epochs), then the clip stage again with the cache off
-(``+clip.train.cache_decoded_max_mb=0``), and reports both stage durations from the manifests.
+(``clip.train.cache_decoded_max_mb=0``), and reports both stage durations from the manifests.
 
     .venv/bin/python -m bench.clip_stage [--quick] [--samples 1000] [--epochs 4]
 """
@@ -52,7 +52,7 @@ def run(quick: bool = False, threads: int = 1, out: str | None = None, samples: 
                        f"ray.num_cpus={num_cpus}"]
         _cli(["run", "--until", "clip", *common_args])
         after = _manifest(tmp, "clip")
-        _cli(["stage", "clip", "--force", *common_args, "+clip.train.cache_decoded_max_mb=0"])
+        _cli(["stage", "clip", "--force", *common_args, "clip.train.cache_decoded_max_mb=0"])
         before = _manifest(tmp, "clip")
         for label, m in (("before: decode every epoch", before), ("after: decoded once, cached", after)):
             rows.append({"clip stage": label, "samples": samples, "epochs": epochs,

@@ -28,9 +28,6 @@ from unclip.registry import register_checkpoint
 log = logging.getLogger("unclip")
 MEAN = torch.tensor((0.48145466, 0.4578275, 0.40821073)).view(1, 3, 1, 1)
 STD = torch.tensor((0.26862954, 0.26130258, 0.27577711)).view(1, 3, 1, 1)
-# Not a key of configs/clip/default.yaml so that adding it left every existing CLIP stage result
-# valid (a new key changes the stage's config hash); override with +clip.train.cache_decoded_max_mb.
-CACHE_DECODED_MAX_MB = 1024
 
 
 def to_model_input(images: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -122,7 +119,7 @@ def _train(ctx: StageContext) -> StageResult:
 def _cache_decoded(ctx: StageContext, size: int) -> bool:
     """Keep the decoded, resized training images in memory when they fit
     ``clip.train.cache_decoded_max_mb`` (sized by the filter stage's kept count; 0 turns it off)."""
-    limit_mb = float(ctx.stage_cfg.train.get("cache_decoded_max_mb", CACHE_DECODED_MAX_MB))
+    limit_mb = float(ctx.stage_cfg.train.cache_decoded_max_mb)
     kept = ctx.upstream["filter"].metrics.get("kept") if "filter" in ctx.upstream else None
     if limit_mb <= 0 or kept is None:
         return False

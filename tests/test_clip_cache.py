@@ -7,7 +7,7 @@ import pytest
 from pipelines.config import load_config
 from pipelines.context import StageContext
 from pipelines.manifest import Manifest
-from stages.clip import CACHE_DECODED_MAX_MB, _cache_decoded
+from stages.clip import _cache_decoded
 
 
 def _ctx(kept: int | None, *overrides: str) -> StageContext:
@@ -23,12 +23,12 @@ def test_small_data_sets_are_cached() -> None:
 
 def test_data_sets_larger_than_the_limit_stream() -> None:
     assert not _cache_decoded(_ctx(1_000_000), 256)  # paper-like: 196 GB
-    limit_rows = int(CACHE_DECODED_MAX_MB * 2**20 // (32 * 32 * 3))
+    limit_rows = int(load_config(["preset=tiny"]).clip.train.cache_decoded_max_mb * 2**20 // (32 * 32 * 3))
     assert _cache_decoded(_ctx(limit_rows), 32)
     assert not _cache_decoded(_ctx(limit_rows + 1), 32)
 
 
-@pytest.mark.parametrize("kept, overrides", [(4000, ["+clip.train.cache_decoded_max_mb=0"]),
+@pytest.mark.parametrize("kept, overrides", [(4000, ["clip.train.cache_decoded_max_mb=0"]),
                                              (None, [])])
 def test_cache_off_or_unknown_size(kept, overrides) -> None:
     assert not _cache_decoded(_ctx(kept, *overrides), 32)

@@ -18,7 +18,7 @@ from pipelines.config import ConfigError, load_config, to_container
 OPEN = ("clip.model", "prior.*.model", "prior.diffusion.process", "decoder.model", "decoder.diffusion",
         "upsample?.model", "upsample?.diffusion")
 # Keys a stage reads beyond its defaults (documented in its config comments), with their type.
-EXTRA: dict[str, Any] = {"clip.train.cache_decoded_max_mb": 1024.0}
+EXTRA: dict[str, Any] = {}
 # String options with a fixed set of values (the consumers check them only at run time).
 CHOICES: dict[str, tuple[str, ...]] = {
     "*.train.lr_schedule": ("constant", "cosine"),
