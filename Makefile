@@ -12,7 +12,7 @@ STAGE ?=
 FORCE ?=
 PYTEST_ARGS ?=
 
-.PHONY: venv pipeline stage status plan test bench mlflow-ui clean help
+.PHONY: venv pipeline stage status plan test test-fast bench mlflow-ui clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/'
@@ -44,6 +44,9 @@ mlflow-ui: $(STAMP)  ## browse the local MLflow store of RUN_DIR (default runs/t
 
 test: $(STAMP)  ## run the test suite
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: $(STAMP)  ## the edit-test loop: every test that starts no Ray, smoke run, cluster or MLflow server
+	$(BIN)/python -m pytest -m "not integration" $(PYTEST_ARGS)
 
 bench: $(STAMP)  ## run the benchmarks (tables + JSON under bench/results)
 	$(BIN)/python -m bench $(ARGS)

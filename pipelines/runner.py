@@ -46,16 +46,18 @@ def run(graph: Graph, cfg: DictConfig, overrides: Sequence[str], stages: Sequenc
 def _run_locked(graph: Graph, cfg: DictConfig, overrides: Sequence[str], wanted: list[str],
                 force: bool, lock) -> list[StageRun]:
     report: list[StageRun] = []
-    for name in [s.name for s in graph.stages if s.name in wanted]:
+    names = [s.name for s in graph.stages if s.name in wanted]
+    for i, name in enumerate(names, 1):
         lock.check()
         st = evaluate_all(graph, cfg)[name]
+        step = f"[{i}/{len(names)}]"
         if st.state == DONE and not force:
-            log.info("stage %-9s done, skipped", name)
+            log.info("%s stage %-9s done, skipped", step, name)
             report.append(StageRun(name, "skipped", 0.0, "done"))
             continue
         why = "forced" if force and st.state == DONE else (
             "; ".join(st.reasons) if st.reasons else st.state)
-        log.info("stage %-9s running (%s)", name, why)
+        log.info("%s stage %-9s running (%s)", step, name, why)
         t0 = time.monotonic()
         address = runtime.cluster_address(cfg)
         if address:
@@ -66,9 +68,16 @@ def _run_locked(graph: Graph, cfg: DictConfig, overrides: Sequence[str], wanted:
         manifest = read_manifest(cfg.run_dir, name)
         if manifest is None:
             raise StageError(f"stage {name!r} finished without a manifest in {cfg.run_dir}")
-        log.info("stage %-9s finished in %.1f s", name, seconds)
+        log.info("%s stage %-9s finished in %s", step, name, _duration(seconds))
         report.append(StageRun(name, "ran", seconds, why))
     return report
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    minutes, s = divmod(int(round(seconds)), 60)
+    return f"{minutes} min {s:02d} s" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
 
 
 def submit_stage(address: str, cfg: DictConfig, name: str, overrides: Sequence[str]) -> None:

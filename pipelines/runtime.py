@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 
@@ -29,21 +30,62 @@ def cluster_address(cfg: DictConfig) -> str | None:
 # lives; the State API is served by the dashboard, which the embedded Ray leaves off (no HTTP job
 # API on a user's machine), so it would log a warning a second for the whole training stage.
 _QUIET_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)
+# Ray Data's execution plan / "Full logs are in" / progress lines for every dataset and Ray Train's
+# controller and checkpoint lines reach the console only with pipeline.verbose; Ray's log files
+# (/tmp/ray/session_*/logs: ray-data.log, ray-train-*.log) keep them either way.
+VERBOSE_ENV = "UNCLIP_VERBOSE"
+RAY_DATA_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ray_data_logging.yaml")
 
 
 def quiet_worker_logs() -> None:
     """Runs in every worker process of the embedded Ray before its tasks and actors."""
     for name in _QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
+    if os.environ.get(VERBOSE_ENV) != "1":
+        # Ray Train 2.5x names this one logger by its file path, so LoggingConfig does not reach
+        # its "Reporting training result ..." line at every checkpoint
+        with contextlib.suppress(Exception):
+            from ray.train.v2._internal.execution import context
+
+            logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
+def quiet_env(verbose: bool) -> dict[str, str]:
+    """Environment for every Ray worker: Ray Data's console at WARNING unless ``verbose``."""
+    env = {VERBOSE_ENV: "1" if verbose else "0"}
+    if not verbose:
+        env["RAY_DATA_LOGGING_CONFIG"] = RAY_DATA_CONFIG
+    return env
+
+
+def quiet_driver_logs(verbose: bool) -> None:
+    """The driver's half: Ray Data's console handler to WARNING (its file handler keeps all)."""
+    if verbose:
+        return
+    import ray.data
+
+    for handler in logging.getLogger("ray.data").handlers:
+        if "file" not in type(handler).__name__.lower():
+            handler.setLevel(logging.WARNING)
+    ray.data.DataContext.get_current().print_on_execution_start = False
+
+
+def train_log_level() -> str:
+    """Ray Train's console level for RunConfig(logging_config=...)."""
+    return "INFO" if os.environ.get(VERBOSE_ENV) == "1" else "WARNING"
 
 
 def ensure_ray(cfg: DictConfig) -> None:
     import ray
 
+    verbose = bool(cfg.pipeline.get("verbose", False))
+    os.environ.update(quiet_env(verbose))  # the driver's own Ray Data and Ray Train read these too
     if ray.is_initialized():
+        quiet_driver_logs(verbose)
         return
     if in_ray_job():
         ray.init(log_to_driver=True)  # RAY_ADDRESS is set by the job supervisor
+        quiet_driver_logs(verbose)
         return
     os.environ.pop("RAY_ADDRESS", None)  # never attach to a stray cluster by accident
     ray.init(
@@ -56,8 +98,10 @@ def ensure_ray(cfg: DictConfig) -> None:
         log_to_driver=True,
         configure_logging=True,
         logging_level=logging.WARNING,
-        runtime_env={"worker_process_setup_hook": "pipelines.runtime.quiet_worker_logs"},
+        runtime_env={"worker_process_setup_hook": "pipelines.runtime.quiet_worker_logs",
+                     "env_vars": quiet_env(verbose)},
     )
+    quiet_driver_logs(verbose)
 
 
 def parallelism(cfg: DictConfig) -> int:

@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import torch
 
-from pipelines import tracking
+from pipelines import runtime, tracking
 from pipelines.context import StageContext
 from pipelines.status import legacy_config_hash, stage_config_hash
 from pipelines.graph import Graph
@@ -30,15 +30,16 @@ log = logging.getLogger("unclip")
 def fit(ctx: StageContext, train_loop: Callable[[dict], None], loop_config: dict[str, Any],
         num_workers: int, datasets: dict | None = None, max_failures: int = 3):
     """Run ``train_loop`` data-parallel on ``num_workers`` Ray Train workers; returns the Result."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     use_gpu = bool(ctx.cfg.ray.num_gpus) or (torch.cuda.is_available() and not ctx.cfg.ray.address
                                              and ctx.cfg.ray.num_gpus is None)
     name = checkpoint_name(ctx)
+    board = ProgressBoard.start() if show_progress_bar() else None
     config = {**loop_config,
               "mlflow": {"tracking_uri": tracking.tracking_uri(ctx.cfg), "run_id": ctx.mlflow_run_id},
-              "fault": fault_injection(),
+              "fault": fault_injection(), "progress_board": board,
               "checkpoint_dir": storage.join(checkpoint_root(ctx), name)}
     trainer = TorchTrainer(
         train_loop,
@@ -47,10 +48,82 @@ def fit(ctx: StageContext, train_loop: Callable[[dict], None], loop_config: dict
                                      resources_per_worker=None if use_gpu else {"CPU": 1}),
         run_config=RunConfig(name=name, storage_path=checkpoint_root(ctx),
                              failure_config=FailureConfig(max_failures=max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             logging_config=LoggingConfig(runtime.train_log_level())),
         datasets=datasets or {},
     )
-    return trainer.fit()
+    with _progress_bar(board, ctx.name):
+        return trainer.fit()
+
+
+def show_progress_bar() -> bool:
+    """A live bar on a terminal; a line every ``log_every`` steps in logs and under TQDM_DISABLE."""
+    return sys.stderr.isatty() and os.environ.get("TQDM_DISABLE", "").lower() not in ("1", "true")
+
+
+class ProgressBoard:
+    """Where rank 0 posts (step, total, metrics) and the driver's bar reads them: one tiny actor,
+    so the bar renders in the driver's terminal instead of as forwarded worker lines."""
+
+    def __init__(self) -> None:
+        self.state: tuple[int, int, dict[str, float]] | None = None
+
+    def update(self, step: int, total: int, metrics: dict[str, float]) -> None:
+        self.state = (step, total, metrics)
+
+    def get(self) -> tuple[int, int, dict[str, float]] | None:
+        return self.state
+
+    @classmethod
+    def start(cls):
+        import ray
+
+        return ray.remote(num_cpus=0)(cls).remote()
+
+
+@contextlib.contextmanager
+def _progress_bar(board, stage: str):
+    """Poll ``board`` into one tqdm bar (step, loss, throughput, ETA) while the block runs."""
+    if board is None:
+        yield
+        return
+    import threading
+
+    import ray
+    from tqdm import tqdm
+
+    stop = threading.Event()
+
+    def poll() -> None:
+        bar = None
+        while not stop.wait(1.0):
+            try:
+                state = ray.get(board.get.remote(), timeout=5)
+            except Exception:
+                continue
+            if state is None:
+                continue
+            step, total, metrics = state
+            if bar is None:
+                bar = tqdm(total=total, initial=step, desc=f"{stage} training", unit="step",
+                           dynamic_ncols=True)
+            bar.total = total
+            bar.update(step - bar.n)
+            shown = {k.removeprefix("train_"): f"{v:.4g}" for k, v in metrics.items()
+                     if isinstance(v, (int, float)) and (k.startswith(("train_loss", "val_")) or k == "lr")}
+            bar.set_postfix(dict(list(shown.items())[:4]), refresh=True)
+        if bar is not None:
+            bar.close()
+
+    thread = threading.Thread(target=poll, name=f"unclip-{stage}-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+        with contextlib.suppress(Exception):
+            ray.kill(board)
 
 
 def checkpoint_name(ctx: StageContext) -> str:
@@ -105,6 +178,7 @@ class WorkerSession:
         self.world_size = ctx.get_world_size()
         self.mlflow = config.get("mlflow") or {}
         self.checkpoint_dir = config.get("checkpoint_dir")
+        self.board = config.get("progress_board")  # the driver's bar, when it shows one
         self._client = None
         self._t0 = time.monotonic()
 
@@ -155,10 +229,15 @@ class WorkerSession:
                  f"{str(exc).splitlines()[0][:200]}")
 
     def progress(self, step: int, total: int, metrics: dict[str, float]) -> None:
-        if self.is_main:
-            rate = step / max(1e-9, time.monotonic() - self._t0)
-            shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
-            _say(f"[unclip] step {step}/{total} {shown} ({rate:.2f} step/s)")
+        if not self.is_main:
+            return
+        if self.board is not None:
+            numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+            self.board.update.remote(step, total, numeric)
+            return
+        rate = step / max(1e-9, time.monotonic() - self._t0)
+        shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+        _say(f"[unclip] step {step}/{total} {shown} ({rate:.2f} step/s)")
 
     def report(self, metrics: dict[str, float], model: torch.nn.Module,
                optimizer: torch.optim.Optimizer | None, ema: EMA | None, meta: dict[str, Any],

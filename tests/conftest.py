@@ -15,6 +15,16 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.pop("RAY_ADDRESS", None)
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 
+# `make test-fast` (-m "not integration"): the edit-test loop, without the tests that start Ray,
+# run the smoke pipeline, a cluster or an MLflow server, or are marked slow.
+HEAVY_FIXTURES = {"smoke_run", "ray_local", "ray_cluster", "mlflow_server"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if HEAVY_FIXTURES & set(getattr(item, "fixturenames", ())) or item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.integration)
+
 
 @pytest.fixture(scope="session")
 def ray_local():

@@ -35,9 +35,17 @@ def _actions(report: str) -> dict[str, str]:
     return {r[0]: r[1] for r in rows if len(r) >= 2 and r[1] in ("ran", "skipped")}
 
 
-def test_smoke_data_and_filter(tmp_path, ray_local, capsys):
+def test_smoke_data_and_filter(tmp_path, ray_local, capfd, caplog):
+    capsys = capfd  # file-descriptor level: Ray's own log lines are caught too
     run_dir = tmp_path / "run"
+    caplog.set_level("INFO", logger="unclip")
     assert _run("run", "--until", "filter", "preset=smoke", f"run_dir={run_dir}") == 0
+    out, err = capsys.readouterr()
+    said = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("[1/2] stage data ") for m in said), said  # where the run stands
+    assert any(m.startswith("[2/2] stage filter    finished in") for m in said), said
+    # Ray Data's per-dataset execution plans stay in Ray's log files (pipeline.verbose shows them)
+    assert "Execution plan of Dataset" not in out + err and "Full logs are in" not in out + err
     shards = list_shards(str(run_dir / "data" / "shards"))
     assert len(shards) == 3  # 96 samples, 32 per shard
     samples = [s for p in shards for s in iter_shard(p)]
