@@ -21,8 +21,9 @@ from pipelines.context import StageContext, StageResult
 from unclip import storage
 from unclip.data.shards import list_shards
 from unclip.eval.heldout import HeldOut, held_out_set
-from unclip.eval.reference_free import clip_score as mean_clip_score
-from unclip.eval.reference_free import frechet_distance, frechet_metrics  # noqa: F401 (re-exported)
+from unclip.eval.reference_free import frechet_distance, reference_free_metrics  # noqa: F401
+
+__all__ = ["frechet_distance", "run"]  # frechet_distance: importable from here as before
 
 log = logging.getLogger("unclip")
 
@@ -94,17 +95,13 @@ def run(ctx: StageContext) -> StageResult:
     images = [Image.open(io.BytesIO(storage.read_bytes(p))).convert("RGB") for p in table.column("path").to_pylist()]
 
     model = UnCLIP(refs)  # for the CLIP features and the grid, in this process
-    clip = model.clip
-    gen_f = clip.encode_images(images)
-    n = min(len(held.real_holdout), len(held.real_train), max(len(images), 64))
-    real_a = clip.encode_images([Image.fromarray(a) for a in held.real_holdout[:n]])
-    real_b = clip.encode_images([Image.fromarray(a) for a in held.real_train[:n]])
     metrics: dict[str, Any] = {}
     if held.scenes is not None:
         metrics.update(detector_metrics(held.scenes, images, int(c.score_resolution)))
     metrics.update({"n_captions": len(captions), "ground_truth": held.scenes is not None,
-                    "clip_score": mean_clip_score(gen_f, clip.encode_text(captions)),
-                    **frechet_metrics(gen_f, real_a, real_b), "resolution": images[0].size[0]})
+                    **reference_free_metrics(model.clip, images, captions, held.real_holdout,
+                                             held.real_train),
+                    "resolution": images[0].size[0]})
 
     # the grid, one row per prompt, always through the whole cascade
     prompts = grid_prompts(c, held)

@@ -152,3 +152,80 @@ def test_smoke_pipeline_on_real_looking_data(tmp_path, ray_local):
     held = [x.caption() for s in list_shards(str(run_dir / "filter" / "shards")) for x in iter_shard(s)
             if is_holdout(x.key, 0.2)]
     assert set(rows) <= set(held)
+
+
+def _cfg(**kw):
+    from omegaconf import OmegaConf
+
+    base = {"grid_source": "auto", "grid_rows": 2, "grid_prompts": ["a red circle", "a blue square"]}
+    return OmegaConf.create({**base, **kw})
+
+
+def test_grid_rows_follow_the_data():
+    from stages.evaluate import grid_prompts
+    from unclip.eval.heldout import HeldOut
+
+    real = HeldOut(["a teal haze", "olive stripes", "beige noise"], None)
+    scene = shapes.Scene.from_json({"caption": "a red circle", "relation": None, "objects": []})
+    truth = HeldOut(["a red circle"], [scene])
+    assert grid_prompts(_cfg(), real) == ["a teal haze", "olive stripes"]
+    assert grid_prompts(_cfg(), truth) == ["a red circle", "a blue square"]
+    assert grid_prompts(_cfg(grid_prompts=None), truth) == ["a red circle"]
+    assert grid_prompts(_cfg(grid_source="prompts"), real) == ["a red circle", "a blue square"]
+    assert grid_prompts(_cfg(grid_source="holdout", grid_rows=5), truth) == ["a red circle"]
+    with pytest.raises(ValueError, match="grid_source=sometimes"):
+        grid_prompts(_cfg(grid_source="sometimes"), real)
+    with pytest.raises(ValueError, match="grid_prompts is empty"):
+        grid_prompts(_cfg(grid_source="prompts", grid_prompts=[]), real)
+
+
+def test_table_and_summary_without_ground_truth_or_fd():
+    from stages.evaluate import format_table, summary
+
+    m = {"n_captions": 3, "ground_truth": False, "clip_score": 0.25, "fd_clip_real": 0.5,
+         "fd_clip_n_generated": 1, "fd_clip_n_real": 4,
+         "fd_clip_skipped": "fd_clip_generated: 1 against 4 held-out real images"}
+    table = format_table(m)
+    assert "colour" not in table and "0.250" in table and "real vs real: 0.500" in table
+    assert "skipped: fd_clip_generated: 1 against 4" in table
+    assert summary(m) == "3 held-out captions (no ground truth): CLIP score 0.250, FD (CLIP) skipped"
+
+
+def test_shapes_evaluate_keeps_the_detector_metrics(smoke_run):
+    """On shapes data (a ground truth) every metric name of before is still there, beside the new."""
+    m = json.loads((smoke_run / "evaluate" / "manifest.json").read_text())["metrics"]
+    for k in ("n_one_object", "n_two_objects", "one_object_color", "two_objects_binding", "all_color",
+              "all_shape", "all_position", "clip_score", "fd_clip_generated", "fd_clip_real",
+              "resolution"):
+        assert k in m, k
+    assert m["ground_truth"] is True and m["n_captions"] == m["n_one_object"] + m["n_two_objects"] == 8
+    rows = (smoke_run / "evaluate" / "grid_prompts.txt").read_text().splitlines()
+    assert rows == ["a red circle", "a blue square to the left of a green triangle"]  # smoke preset's
+
+
+def _tiny_clip():
+    """An untrained CLIP of the smoke preset's size: real encoders, no weights to download."""
+    from unclip.models.clip import ClipEncoder, create_custom
+
+    cfg = {"embed_dim": 32, "vision_cfg": {"image_size": 16, "patch_size": 4, "width": 32, "layers": 1,
+                                           "head_width": 16},
+           "text_cfg": {"context_length": 16, "width": 32, "heads": 2, "layers": 1}}
+    return ClipEncoder(create_custom(cfg), {"source": "test"}, cfg)
+
+
+def test_reference_free_metrics_on_small_sets():
+    from unclip.eval.reference_free import reference_free_metrics
+
+    clip = _tiny_clip()
+    pics = [texture(i) for i in range(12)]
+    gen, caps = [p[0] for p in pics[:4]], [p[1] for p in pics[:4]]
+    real = [np.asarray(p[0]) for p in pics[4:]]
+    m = reference_free_metrics(clip, gen, caps, real[:4], real[4:])
+    assert -1 <= m["clip_score"] <= 1 and m["fd_clip_generated"] > 0 and m["fd_clip_real"] > 0
+    assert (m["fd_clip_n_generated"], m["fd_clip_n_real"]) == (4, 4)
+    # one held-out image and no training image: the FDs are skipped, with the reason, no crash
+    m = reference_free_metrics(clip, gen, caps, real[:1], [])
+    assert "fd_clip_generated" not in m and "fd_clip_real" not in m and m["fd_clip_n_real"] == 0
+    assert "0 held-out real images" in m["fd_clip_skipped"]
+    with pytest.raises(ValueError, match="4 images for 3 captions"):
+        reference_free_metrics(clip, gen, caps[:3], real, real)

@@ -4,9 +4,10 @@ image features against real images. They work on any captioned data, the shapes 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
+from PIL import Image
 
 log = logging.getLogger("unclip")
 
@@ -65,3 +66,24 @@ def frechet_metrics(generated: np.ndarray, real_a: np.ndarray, real_b: np.ndarra
         out["fd_clip_skipped"] = "; ".join(skipped)
         log.warning("evaluate: Frechet distance skipped: %s", out["fd_clip_skipped"])
     return out
+
+
+def _features(clip: Any, images: Sequence[Image.Image | np.ndarray]) -> np.ndarray:
+    if not len(images):
+        return np.zeros((0, clip.dim), np.float32)
+    return clip.encode_images([im if isinstance(im, Image.Image) else Image.fromarray(im)
+                               for im in images])
+
+
+def reference_free_metrics(clip: Any, generated: Sequence[Image.Image], captions: Sequence[str],
+                           real_holdout: Sequence[np.ndarray], real_train: Sequence[np.ndarray],
+                           min_real: int = 64) -> dict[str, Any]:
+    """CLIP score of ``generated`` against their ``captions``, and the FDs on ``clip``'s image
+    features, with ``n`` real images a side: as many as both sides have, up to the larger of
+    the generated count and ``min_real``."""
+    if len(generated) != len(captions) or not len(generated):
+        raise ValueError(f"reference_free_metrics: {len(generated)} images for {len(captions)} captions")
+    gen_f = _features(clip, generated)
+    n = min(len(real_holdout), len(real_train), max(len(generated), min_real))
+    return {"clip_score": clip_score(gen_f, clip.encode_text(list(captions))),
+            **frechet_metrics(gen_f, _features(clip, real_holdout[:n]), _features(clip, real_train[:n]))}
