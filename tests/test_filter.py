@@ -85,6 +85,7 @@ def test_library_checks_give_exact_reasons(bad_shards):
     assert counts == EXPECTED_DROPS
     assert [v.key for v in verdicts if v.reason is None] == EXPECTED_KEPT
     assert set(counts) <= set(REASONS)
+    assert [v.detail for v in verdicts if v.reason == "duplicate_image"] == ["same pixels as 000000000"]
 
 
 def test_to_rgb_composites_alpha_on_white():

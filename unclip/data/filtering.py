@@ -161,7 +161,7 @@ def check(item: RawSample | ShardProblem, cfg: FilterConfig) -> Verdict:
 def mark_duplicates(verdicts: list[Verdict], cfg: FilterConfig) -> None:
     """In order, the first sample of each key (then of each exact image) is kept; later ones dropped."""
     keys: set[str] = set()
-    images: set[str] = set()
+    images: dict[str, str] = {}  # pixel hash -> the kept sample's key
     for v in verdicts:
         if v.reason is not None:
             continue
@@ -169,11 +169,11 @@ def mark_duplicates(verdicts: list[Verdict], cfg: FilterConfig) -> None:
             v.reason = "duplicate_key"
             continue
         if cfg.dedup_images and v.image_sha in images:
-            v.reason = "duplicate_image"
+            v.reason, v.detail = "duplicate_image", f"same pixels as {images[v.image_sha]}"
             continue
         keys.add(v.key or "")
         if v.image_sha:
-            images.add(v.image_sha)
+            images[v.image_sha] = v.key or ""
 
 
 def encode_rgb(item: RawSample, cfg: FilterConfig) -> tuple[bytes, str]:
