@@ -89,6 +89,7 @@ def run(ctx: StageContext) -> StageResult:
                         upsampler_steps=None if c.upsampler_steps is None else int(c.upsampler_steps))
     held = read_held_out(ctx)
     captions = held.captions
+    prompts = grid_prompts(c, held)  # a bad grid setting fails here, before any generation
     uri = tracking.tracking_uri(ctx.cfg)
     table = generate_batch(captions, [int(c.seed)], refs, ctx.path("samples"), settings,
                            int(c.num_actors), uri, "final" if c.score_upsampled else "base")
@@ -104,7 +105,6 @@ def run(ctx: StageContext) -> StageResult:
                     "resolution": images[0].size[0]})
 
     # the grid, one row per prompt, always through the whole cascade
-    prompts = grid_prompts(c, held)
     full = dataclasses.replace(settings, upsample=True)
     rows = [model.generate(str(p), 1, int(seed), full)[-1][0] for p in prompts for seed in c.grid_seeds]
     grid_img = grid(rows, cols=len(c.grid_seeds))
