@@ -19,11 +19,13 @@ from PIL import Image
 
 from pipelines.context import StageContext, StageResult
 from unclip import storage
-from unclip.data.filtering import REASONS, FilterConfig, Verdict, check, encode_rgb, mark_duplicates
+from unclip.data.filtering import (REASONS, FilterConfig, Verdict, check, clean_caption, encode_rgb,
+                                   mark_duplicates)
 from unclip.data.shards import RawSample, ShardWriter, iter_shard, list_shards
 
 log = logging.getLogger("unclip")
-SCAN_COLUMNS = ["shard", "order", "key", "reason", "detail", "image_sha", "width", "height"]
+SCAN_COLUMNS = ["shard", "order", "key", "reason", "detail", "image_sha", "width", "height",
+                "caption_cleaned"]
 
 
 def scan_shard(row: dict[str, Any], cfg: FilterConfig) -> list[dict[str, Any]]:
@@ -32,7 +34,7 @@ def scan_shard(row: dict[str, Any], cfg: FilterConfig) -> list[dict[str, Any]]:
     for order, item in enumerate(iter_shard(row["shard"])):
         v = check(item, cfg)
         out.append(dict(zip(SCAN_COLUMNS, (row["shard"], order, v.key, v.reason, v.detail,
-                                           v.image_sha, v.width, v.height))))
+                                           v.image_sha, v.width, v.height, v.caption_cleaned))))
     return out
 
 
@@ -49,6 +51,8 @@ def write_shard(row: dict[str, Any], cfg: FilterConfig, out: str) -> dict[str, A
                 data, ext = encode_rgb(item, cfg)
                 meta = item.meta()
                 caption = item.caption()
+                if caption is not None:  # the text the checks passed, in the .txt and the .json
+                    caption = meta["caption"] = clean_caption(caption)[0]
                 with Image.open(io.BytesIO(data)) as im:
                     meta.update({"width": im.width, "height": im.height})
                 w.write(item.key, data, ext, caption, meta)
@@ -72,8 +76,8 @@ def run(ctx: StageContext) -> StageResult:
             .flat_map(scan_shard, fn_kwargs={"cfg": cfg})
             .take_all())
     rows.sort(key=lambda r: (r["shard"], r["order"]))
-    verdicts = [Verdict(r["key"], r["reason"], r["detail"], r["image_sha"], r["width"], r["height"])
-                for r in rows]
+    verdicts = [Verdict(r["key"], r["reason"], r["detail"], r["image_sha"], r["width"], r["height"],
+                        bool(r["caption_cleaned"])) for r in rows]
     mark_duplicates(verdicts, cfg)
 
     keep: dict[str, list[int]] = {s: [] for s in shards}
@@ -85,6 +89,7 @@ def run(ctx: StageContext) -> StageResult:
                .map(write_shard, fn_kwargs={"cfg": cfg, "out": out})
                .take_all())
     n_written = sum(int(r["written"]) for r in written)
+    n_cleaned = sum(v.reason is None and v.caption_cleaned for v in verdicts)
 
     dropped = [(storage.basename(r["shard"]), v.key, v.reason, v.detail)
                for r, v in zip(rows, verdicts) if v.reason is not None]
@@ -101,9 +106,10 @@ def run(ctx: StageContext) -> StageResult:
     # stray files and unreadable shard tails are not samples
     samples = len(rows) - counts.get("stray_file", 0) - counts.get("unreadable_shard_tail", 0)
     metrics: dict[str, Any] = {"input_samples": samples, "kept": n_written,
-                               "dropped": int(sum(counts.values())), "num_shards": len(shards)}
+                               "dropped": int(sum(counts.values())), "num_shards": len(shards),
+                               "caption_cleaned": int(n_cleaned)}
     metrics.update({f"dropped_{r}": int(counts.get(r, 0)) for r in REASONS})
-    _log_table(counts, n_written)
+    _log_table(counts, n_written, n_cleaned)
     if ctx.mlflow_run_id:
         import mlflow
 
@@ -112,7 +118,8 @@ def run(ctx: StageContext) -> StageResult:
         outputs={"shards": out, "drop_counts": ctx.path("drop_counts.parquet"),
                  "dropped": ctx.path("dropped.parquet")},
         metrics=metrics,
-        summary=f"kept {n_written} of {samples} samples; dropped {dict(counts) or 'none'}",
+        summary=(f"kept {n_written} of {samples} samples ({n_cleaned} with control characters "
+                 f"cleaned from the caption); dropped {dict(counts) or 'none'}"),
     )
 
 
@@ -122,10 +129,11 @@ def _write_parquet(uri: str, table: pa.Table) -> None:
     storage.write_bytes(uri, buf.getvalue())
 
 
-def _log_table(counts: Counter, kept: int) -> None:
+def _log_table(counts: Counter, kept: int, cleaned: int) -> None:
     lines = ["filter: drop counts by reason"]
     for r in REASONS:
         if counts.get(r):
             lines.append(f"  {r:24s} {counts[r]:8d}")
     lines.append(f"  {'kept':24s} {kept:8d}")
+    lines.append(f"  {'  caption_cleaned':24s} {cleaned:8d}  (kept, control characters replaced)")
     log.info("\n".join(lines))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import tarfile
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -84,6 +85,7 @@ def test_library_checks_give_exact_reasons(bad_shards):
     assert counts == EXPECTED_DROPS
     assert [v.key for v in verdicts if v.reason is None] == EXPECTED_KEPT
     assert set(counts) <= set(REASONS)
+    assert [v.detail for v in verdicts if v.reason == "duplicate_image"] == ["same pixels as 000000000"]
 
 
 def test_to_rgb_composites_alpha_on_white():
@@ -126,3 +128,67 @@ def test_filter_stage_counts_and_output(bad_shards, tmp_path, ray_local):
     manifest = json.loads((run_dir / "filter" / "manifest.json").read_text())
     assert manifest["metrics"]["kept"] == 5
     assert manifest["metrics"]["input_samples"] == 16
+
+
+@pytest.fixture
+def messy_shards(tmp_path):
+    """Keys that are not plain names and captions with control characters."""
+    src = tmp_path / "messy"
+    src.mkdir()
+    m = []
+    m += _sample("000000000", png_bytes(random_image(20)))                        # kept
+    m += _sample("../../x", png_bytes(random_image(21)))                          # path traversal
+    m += _sample("0000\x01001", png_bytes(random_image(22)))                      # control character
+    m += _sample(" ", png_bytes(random_image(23)))                                # blank key
+    m += [(".png", png_bytes(random_image(24))), (".txt", b"an empty key")]      # empty key
+    m += _sample("dir\\y", png_bytes(random_image(25)))                           # backslash
+    m += _sample("0000\udcff06", png_bytes(random_image(26)))                     # non-UTF-8 name
+    m += _sample("000000007", png_bytes(random_image(27)), caption=b"a red\x00 circle\r\n\tok")
+    m += _sample("000000008", png_bytes(random_image(28)), caption=b"\x00\x00 \x07")  # then empty
+    m += _sample("000000009", png_bytes(random_image(29)), caption=b"a\x1b[31m b")
+    write_raw_tar(src / "00000.tar", m)
+    return src
+
+
+MESSY_DROPS = {"unsafe_key": 6, "caption_too_short": 1}
+MESSY_KEPT = {"000000000": "a fine caption", "000000007": "a red circle ok", "000000009": "a [31m b"}
+
+
+def test_unsafe_keys_and_control_characters(messy_shards):
+    cfg = FilterConfig(min_side=16)
+    verdicts = [check(item, cfg) for s in list_shards(str(messy_shards)) for item in iter_shard(s)]
+    counts: dict[str, int] = {}
+    for v in verdicts:
+        if v.reason:
+            counts[v.reason] = counts.get(v.reason, 0) + 1
+    assert counts == MESSY_DROPS
+    assert [v.key for v in verdicts if v.reason is None] == list(MESSY_KEPT)
+    assert [v.key for v in verdicts if v.caption_cleaned] == ["000000007", "000000008", "000000009"]
+    # dropped keys are reported escaped (they go to Parquet and logs), with why
+    unsafe = {v.key: v.detail for v in verdicts if v.reason == "unsafe_key"}
+    assert unsafe == {"../../x": "contains '/'", "0000\\x01001": "contains U+0001 (Cc)",
+                      " ": "empty key", "": "empty key", "dir\\y": "contains '\\\\'",
+                      "0000\\udcff06": "contains U+DCFF (Cs)"}
+
+
+def test_filter_stage_drops_unsafe_keys_and_cleans_captions(messy_shards, tmp_path, ray_local):
+    from pipelines.cli import main
+
+    run_dir = tmp_path / "run"
+    rc = main(["run", "--until", "filter", "preset=smoke", f"run_dir={run_dir}",
+               f"data.source={messy_shards}"])
+    assert rc == 0
+    counts = dict(zip(*pq.read_table(run_dir / "filter" / "drop_counts.parquet").to_pydict().values()))
+    assert {k: v for k, v in counts.items() if v} == MESSY_DROPS
+    dropped = pq.read_table(run_dir / "filter" / "dropped.parquet").to_pylist()
+    assert sorted(d["key"] for d in dropped if d["reason"] == "unsafe_key") == sorted(
+        ["../../x", "0000\\x01001", " ", "", "dir\\y", "0000\\udcff06"])
+    out = list_shards(str(run_dir / "filter" / "shards"))
+    with tarfile.open(out[0]) as tar:
+        names = tar.getnames()
+    assert names == [f"{k}.{e}" for k in MESSY_KEPT for e in ("png", "txt", "json")]
+    samples = [s for s in iter_shard(out[0])]
+    assert {s.key: s.caption() for s in samples} == MESSY_KEPT
+    assert {s.key: s.meta()["caption"] for s in samples} == MESSY_KEPT
+    m = json.loads((run_dir / "filter" / "manifest.json").read_text())["metrics"]
+    assert m["kept"] == 3 and m["dropped_unsafe_key"] == 6 and m["caption_cleaned"] == 2

@@ -1,5 +1,6 @@
 """Fuzzing the shard reader and the per-sample checks: random bytes, truncated tars, wrong
-extensions, huge captions, non-UTF-8 text. Nothing may raise; every bad sample is a counted skip."""
+extensions, huge captions, non-UTF-8 text, keys that are paths or hold control characters.
+Nothing may raise; every bad sample is a counted skip."""
 
 from __future__ import annotations
 
@@ -14,13 +15,15 @@ from unclip.data.shards import RawSample, ShardProblem, iter_shard
 from tests.conftest import png_bytes, random_image
 
 SEEDS = range(40)
+UNSAFE_KEYS = {"nested": "dir/{}", "traversal": "../../{}", "control_key": "{}\x1b"}  # kind -> key
 
 
 def _member(rng: random.Random, key: str) -> tuple[str, list[tuple[str, bytes]]]:
     """One sample's kind and files, each of them possibly wrong."""
     good_png = png_bytes(random_image(rng.randrange(1 << 30), size=(40, 40)))
     kind = rng.choice(["good", "garbage_image", "truncated_image", "text_as_image", "image_as_text",
-                       "huge_caption", "non_utf8", "no_caption", "wrong_ext", "empty", "nested"])
+                       "huge_caption", "non_utf8", "no_caption", "wrong_ext", "empty", "nested",
+                       "traversal", "control_key", "nul_caption"])
     caption = b"a red circle"
     if kind == "garbage_image":
         return kind, [(f"{key}.jpg", rng.randbytes(rng.randrange(0, 500))), (f"{key}.txt", caption)]
@@ -42,6 +45,12 @@ def _member(rng: random.Random, key: str) -> tuple[str, list[tuple[str, bytes]]]
         return kind, [(f"{key}.png", b""), (f"{key}.txt", b"")]
     if kind == "nested":
         return kind, [(f"dir/{key}.png", good_png), (f"dir/{key}.txt", caption)]
+    if kind == "traversal":
+        return kind, [(f"../../{key}.png", good_png), (f"../../{key}.txt", caption)]
+    if kind == "control_key":
+        return kind, [(f"{key}\x1b.png", good_png), (f"{key}\x1b.txt", caption)]
+    if kind == "nul_caption":
+        return kind, [(f"{key}.png", good_png), (f"{key}.txt", b"a red\x00 circle")]
     return kind, [(f"{key}.png", good_png), (f"{key}.txt", caption), (f"{key}.json", b'{"ok": 1}')]
 
 
@@ -63,7 +72,7 @@ def _fuzzed_shard(seed: int) -> tuple[bytes, dict[str, str], str]:
     for i in range(rng.randrange(1, 12)):
         key = f"{seed:03d}{i:04d}"
         kind, files = _member(rng, key)
-        kinds[f"dir/{key}" if kind == "nested" else key] = kind
+        kinds[UNSAFE_KEYS.get(kind, "{}").format(key)] = kind
         members += files
     data = _tar(members)
     mode = rng.choice(["whole", "truncated", "random_bytes", "garbage_tail", "empty"])
@@ -100,7 +109,11 @@ def test_fuzzed_shard_never_crashes_and_counts_every_skip(tmp_path, seed):
     if mode == "whole":  # nothing lost: every key seen once; good ones kept, bad ones counted
         assert set(seen) == set(kinds)
         for key, kind in kinds.items():
-            assert (seen[key] is None) == (kind in ("good", "nested")), (key, kind, seen[key])
+            expected = "unsafe_key" if kind in UNSAFE_KEYS else None
+            if kind in ("good", "nul_caption") or expected:
+                assert seen[key] == expected, (key, kind, seen[key])
+            else:
+                assert seen[key] is not None, (key, kind)
 
 
 def test_fuzz_covers_every_kind_of_damage(tmp_path):
@@ -117,5 +130,5 @@ def test_fuzz_covers_every_kind_of_damage(tmp_path):
             if v.reason:
                 reasons.add(v.reason)
     for expected in ("undecodable_image", "caption_not_utf8", "missing_caption", "caption_too_long",
-                     "unreadable_shard_tail", "missing_image"):
+                     "unreadable_shard_tail", "missing_image", "unsafe_key"):
         assert expected in reasons, (expected, sorted(reasons))

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 import warnings
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageFile
 
-from unclip.data.shards import RawSample, ShardProblem
+from unclip.data.shards import RawSample, ShardProblem, printable, unsafe_key_reason
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
@@ -24,6 +25,7 @@ REASONS = (
     "stray_file",            # a tar member that is not part of any sample (no extension)
     "truncated_sample",      # the shard ends inside this sample
     "unreadable_shard_tail", # the rest of a shard could not be read (one count per shard)
+    "unsafe_key",            # a key that is not a plain name: empty, a path, control characters
     "missing_image",         # a sample with no image file
     "undecodable_image",     # image bytes that do not decode (truncated, not an image, bomb)
     "image_too_small",
@@ -64,6 +66,22 @@ class Verdict:
     image_sha: str | None = None
     width: int = 0
     height: int = 0
+    caption_cleaned: bool = False  # control characters were replaced (the sample is not dropped)
+
+
+# C0, DEL and C1 controls (NUL, tabs, newlines, escapes...), with any white space around them
+_CONTROLS = re.compile(r"\s*[\x00-\x1f\x7f-\x9f]+\s*")
+
+
+def clean_caption(text: str) -> tuple[str, bool]:
+    """The caption with each run of control characters made one space, and whether any was found.
+
+    Captions feed a tokenizer, Parquet files and logs; a NUL or an escape sequence in them is
+    noise at best. The length checks apply to the cleaned text.
+    """
+    if _CONTROLS.search(text) is None:
+        return text, False
+    return _CONTROLS.sub(" ", text).strip(), True
 
 
 def decode_image(data: bytes, max_pixels: int | None) -> Image.Image:
@@ -107,7 +125,11 @@ def pixel_sha(img: Image.Image) -> str:
 def check(item: RawSample | ShardProblem, cfg: FilterConfig) -> Verdict:
     """The per-sample verdict (everything but duplicates)."""
     if isinstance(item, ShardProblem):
-        return Verdict(item.key, item.reason, item.detail)
+        key = None if item.key is None else printable(item.key)
+        return Verdict(key, item.reason, printable(item.detail))
+    unsafe = unsafe_key_reason(item.key)
+    if unsafe is not None:
+        return Verdict(printable(item.key), "unsafe_key", unsafe)
     data = item.image_bytes
     if data is None:
         return Verdict(item.key, "missing_image", f"files: {sorted(item.files)}")
@@ -123,21 +145,23 @@ def check(item: RawSample | ShardProblem, cfg: FilterConfig) -> Verdict:
     if "txt" not in item.files:
         return Verdict(item.key, "missing_caption", width=w, height=h)
     try:
-        caption = item.caption() or ""
+        caption, cleaned = clean_caption(item.caption() or "")
     except UnicodeDecodeError:
         return Verdict(item.key, "caption_not_utf8", width=w, height=h)
     if cfg.min_caption_chars is not None and len(caption) < cfg.min_caption_chars:
-        return Verdict(item.key, "caption_too_short", repr(caption), width=w, height=h)
+        return Verdict(item.key, "caption_too_short", repr(caption), width=w, height=h,
+                       caption_cleaned=cleaned)
     if cfg.max_caption_chars is not None and len(caption) > cfg.max_caption_chars:
-        return Verdict(item.key, "caption_too_long", f"{len(caption)} chars", width=w, height=h)
+        return Verdict(item.key, "caption_too_long", f"{len(caption)} chars", width=w, height=h,
+                       caption_cleaned=cleaned)
     sha = pixel_sha(to_rgb(img, cfg.background)) if cfg.dedup_images else None
-    return Verdict(item.key, None, image_sha=sha, width=w, height=h)
+    return Verdict(item.key, None, image_sha=sha, width=w, height=h, caption_cleaned=cleaned)
 
 
 def mark_duplicates(verdicts: list[Verdict], cfg: FilterConfig) -> None:
     """In order, the first sample of each key (then of each exact image) is kept; later ones dropped."""
     keys: set[str] = set()
-    images: set[str] = set()
+    images: dict[str, str] = {}  # pixel hash -> the kept sample's key
     for v in verdicts:
         if v.reason is not None:
             continue
@@ -145,11 +169,11 @@ def mark_duplicates(verdicts: list[Verdict], cfg: FilterConfig) -> None:
             v.reason = "duplicate_key"
             continue
         if cfg.dedup_images and v.image_sha in images:
-            v.reason = "duplicate_image"
+            v.reason, v.detail = "duplicate_image", f"same pixels as {images[v.image_sha]}"
             continue
         keys.add(v.key or "")
         if v.image_sha:
-            images.add(v.image_sha)
+            images[v.image_sha] = v.key or ""
 
 
 def encode_rgb(item: RawSample, cfg: FilterConfig) -> tuple[bytes, str]:

@@ -14,6 +14,7 @@ import io
 import json
 import posixpath
 import tarfile
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -72,13 +73,46 @@ class ShardProblem:
     detail: str = ""
 
 
+SAMPLE_EXTS = IMAGE_EXTS + ("txt", "json")
+
+
 def split_member_name(name: str) -> tuple[str, str] | None:
-    """webdataset's rule: the key is the path up to the first dot of the basename."""
+    """webdataset's rule: the key is the path up to the first dot of the basename.
+
+    A name with no dot is a stray file, and so is a hidden file (``.DS_Store``) unless what follows
+    the dot is a sample's extension: ``.jpg`` is a sample with an empty key, which the filter drops
+    as an unsafe key instead of passing it off as a stray file.
+    """
     dirname, base = posixpath.split(name)
-    if "." not in base or base.startswith("."):
+    if "." not in base:
         return None
     stem, ext = base.split(".", 1)
+    if not stem and ext.lower() not in SAMPLE_EXTS:
+        return None
     return posixpath.join(dirname, stem) if dirname else stem, ext.lower()
+
+
+def unsafe_key_reason(key: str) -> str | None:
+    """Why ``key`` is not a plain file name (None when it is one).
+
+    Kept keys become member names of the filtered shards and file names downstream, so a key must
+    not be empty, hold a path (``/``, ``\\``, ``..``) or a control, format or undecodable
+    character (a non-UTF-8 tar name arrives as surrogates).
+    """
+    if not key.strip():
+        return "empty key"
+    for bad in ("/", "\\", ".."):
+        if bad in key:
+            return f"contains {bad!r}"
+    for ch in key:
+        if unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Zl", "Zp"):
+            return f"contains U+{ord(ch):04X} ({unicodedata.category(ch)})"
+    return None
+
+
+def printable(text: str) -> str:
+    """``text`` with controls and undecodable characters escaped, safe for logs and Parquet."""
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
 
 
 def list_shards(uri: str) -> list[str]:
