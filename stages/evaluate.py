@@ -83,10 +83,11 @@ def run(ctx: StageContext) -> StageResult:
                      decoder=_model_folder(ctx, "decoder"),
                      upsampler1=_model_folder(ctx, "upsample1"),
                      upsampler2=_model_folder(ctx, "upsample2"))
-    settings = Settings(prior_guidance=float(c.prior_guidance), decoder_guidance=float(c.decoder_guidance),
-                        prior_steps=int(c.prior_steps), decoder_steps=int(c.decoder_steps),
-                        decoder_sampler=str(c.decoder_sampler), upsample=bool(c.score_upsampled),
-                        upsampler_steps=None if c.upsampler_steps is None else int(c.upsampler_steps))
+    opt = lambda v, cast: None if v is None else cast(v)  # noqa: E731  (null: as trained)
+    settings = Settings(prior_guidance=opt(c.prior_guidance, float), decoder_guidance=opt(c.decoder_guidance, float),
+                        prior_steps=opt(c.prior_steps, int), decoder_steps=opt(c.decoder_steps, int),
+                        decoder_sampler=opt(c.decoder_sampler, str), upsample=bool(c.score_upsampled),
+                        upsampler_steps=opt(c.upsampler_steps, int))
     held = read_held_out(ctx)
     captions = held.captions
     prompts = grid_prompts(c, held)  # a bad grid setting fails here, before any generation
@@ -103,6 +104,9 @@ def run(ctx: StageContext) -> StageResult:
                     **reference_free_metrics(model.clip, images, captions, held.real_holdout,
                                              held.real_train),
                     "resolution": images[0].size[0]})
+    used = model.resolve(settings)  # what "as trained" meant for these models
+    metrics.update({f"sampling_{k}": v for k, v in dataclasses.asdict(used).items()
+                    if k not in ("upsample", "upsampler_steps")})
 
     # the grid, one row per prompt, always through the whole cascade
     full = dataclasses.replace(settings, upsample=True)
