@@ -45,11 +45,8 @@ class Settings:
     so a paper-preset model samples as the paper does and a tiny one as tiny. Exceptions:
     ``decoder_guidance`` is 1 for DDIM-inverted noise (edits, variations, interpolated noise: the
     map that noise was inverted for) unless given; ``decoder_eta`` is 0 except for variations;
-    ``upsampler_steps`` is the step count each upsampler was trained for.
-
-    Text diffs on the tiny decoder (12 held-out one-object images, colour edits, 50 DDIM steps):
-    guidance 1 gives the input back at 43.6 dB PSNR and at theta 0.5 the new colour on 58% with
-    the shape kept on 83%; guidance 3: 32.0 dB, 75% and 67%.
+    ``upsampler_steps`` is the step count each upsampler was trained for. Why inverted noise is
+    decoded at guidance 1: docs/results.md (Generation).
     """
 
     prior_guidance: float | None = None

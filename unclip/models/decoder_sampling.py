@@ -106,9 +106,8 @@ def invert(decoder: Decoder, images: torch.Tensor, image_embeddings: torch.Tenso
     """The x_T from which DDIM (eta 0, no guidance) decodes ``images`` (B, 3, H, W in [-1, 1])
     back: the second half of the paper's bipartite latent (z_i, x_T), for text diffs.
 
-    Unguided on purpose: on the tiny decoder (8 held-out images, 50 steps) decoding the inverted
-    noise gave 41.4 dB PSNR back at guidance 1, 32.8 at guidance 3, and inverting at guidance 3
-    too only 18.7 (a guided step does not run backwards well)."""
+    Unguided on purpose: a guided step does not run backwards well (measured in docs/results.md,
+    Generation)."""
     device = model_device(decoder)
     denoise = make_denoiser(decoder, image_embeddings.to(device).float(),
                             None if text is None else text.to(device), 1.0)
