@@ -17,12 +17,16 @@ os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 # `make test-fast` (-m "not integration"): the edit-test loop, without the tests that start Ray,
 # run the smoke pipeline, a cluster or an MLflow server, or are marked slow.
+# Learning tests (a model trained until it beats a baseline) and benchmark runs are whole
+# trainings too: by name, `..._learns...`, `..._beats_...`, `..._bench_...`.
 HEAVY_FIXTURES = {"smoke_run", "ray_local", "ray_cluster", "mlflow_server"}
+HEAVY_NAMES = ("learns", "_beats_", "_bench_")
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if HEAVY_FIXTURES & set(getattr(item, "fixturenames", ())) or item.get_closest_marker("slow"):
+        if HEAVY_FIXTURES & set(getattr(item, "fixturenames", ())) or item.get_closest_marker("slow") \
+                or any(word in item.name for word in HEAVY_NAMES):
             item.add_marker(pytest.mark.integration)
 
 
