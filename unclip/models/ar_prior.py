@@ -8,7 +8,11 @@ the quantized dot product z_i . z_t (quantile buckets of its training distributi
 the similarity token is drawn from the top half of that distribution (the upper half of the
 buckets, which are equally likely by construction), which the paper found gives better samples.
 The caption (tokens and z_t) is replaced by learned null tokens ``cond_drop_prob`` of the time, so
-logits can be guided (classifier-free guidance on the log-probabilities).
+logits can be guided (classifier-free guidance on the log-probabilities): one null token at
+position 0 (``null_text[0]``) with the other caption positions masked, and ``null_zt``, so the
+unconditional branch does not depend on the batch's padded caption length. AR priors trained
+before this change had a different null branch (``null_text[:n]``, all n padded positions valid);
+the state dict is unchanged (rows of ``null_text`` after the first are unused).
 
 The PCA mean, directions and bucket edges, and the similarity bucket edges, are buffers of the
 model: a checkpoint decodes its own samples with nothing else at hand.
@@ -26,7 +30,7 @@ from torch import nn
 
 from unclip import checkpoint
 from unclip.embeddings.pca import PCA
-from unclip.models.transformer import CausalTransformer, check_text
+from unclip.models.transformer import CausalTransformer, check_text, null_caption
 
 KIND = "ar_prior"
 
@@ -148,10 +152,8 @@ class ARPrior(nn.Module):
         zt = self.zt_proj(z_t.to(text.dtype) * c.dim ** 0.5)
         mask = text_mask.bool()
         if drop_text is not None:
-            d = drop_text.bool().view(b, 1)
-            text = torch.where(d[..., None], self.null_text[:n].expand(b, n, -1), text)
-            zt = torch.where(d, self.null_zt.expand(b, -1), zt)
-            mask = mask | d
+            text, mask = null_caption(text, mask, drop_text, self.null_text[0])
+            zt = torch.where(drop_text.bool().view(b, 1), self.null_zt.expand(b, -1), zt)
         prefix = torch.cat([text + self.prefix_pos[:n], (zt + self.prefix_pos[-2])[:, None],
                             (self.sim_embed(sim) + self.prefix_pos[-1])[:, None]], dim=1)
         codes = self.code_embed(codes_in) + self.comp_embed[:m]
