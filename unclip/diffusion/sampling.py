@@ -117,7 +117,13 @@ def sample(denoise: Denoiser, shape: tuple[int, ...], cfg: DiffusionConfig, samp
         out = denoise(sched.scale_model_input(x, t), tb)
         if cfg.learn_variance and sampler == "dpm":  # it uses the mean part only
             out = out[:, :channels]
-        x = sched.step(out.to(x.dtype), t, x, generator=generator).prev_sample
+        step = sched.step(out.to(x.dtype), t, x, generator=generator)
+        # DDPM's last step goes from t_1 > 0 straight to the clean sample: its mean is the x0
+        # estimate, and no noise is added (as improved DDPM's respacing). diffusers adds noise of
+        # a learned variance there, read against bounds [1e-20, 1 - alpha_bar] the model was not
+        # trained on: std 0.09 for a variance value of 0.9 at 6 steps.
+        last = sampler == "ddpm" and i == len(sched.timesteps) - 1
+        x = step.pred_original_sample if last else step.prev_sample
         if progress is not None:
             progress(i + 1, len(sched.timesteps))
     return x
