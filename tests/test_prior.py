@@ -449,3 +449,48 @@ def test_prior_resumes_after_a_killed_driver(smoke_run, tmp_path):
     m = read_manifest(str(run_dir), "prior")
     assert m.metrics["trained_steps"] == 300
     assert m.metrics["resumed_from_step"] >= killed_after
+
+
+@torch.no_grad()
+def test_ar_prior_guidance_and_similarity_token(synth):
+    """Guidance on the AR prior's log-probabilities is uncond + s (cond - uncond): s > 1 moves
+    them away from the unconditional ones, past the conditional ones, by exactly (s - 1)(cond -
+    uncond) (the sampler draws from ``next_log_probs``). The similarity token comes from the configured quantile
+    range: top half (0.5, 1) -> the upper half of the buckets, whose edges are the training
+    z_i . z_t quantiles."""
+    m = _ar_prior(synth).eval()
+    tokens, mask = synth["encoder"](synth["captions"][:4])
+    zt, zi = torch.from_numpy(synth["zt"][:4]), torch.from_numpy(synth["zi"][:4])
+    with torch.no_grad():  # a conditioning that matters: make the null branch differ
+        m.null_zt.add_(1.0)
+    codes, sim = m.encode(zi)[:, :3], m.sim_token(zi, zt)
+    cond = torch.log_softmax(m(codes, tokens, mask, zt, sim)[:, -1], -1)
+    uncond = torch.log_softmax(m(codes, tokens, mask, zt, sim, torch.ones(4, dtype=torch.bool))[:, -1], -1)
+    assert (cond - uncond).abs().max() > 1e-2
+    torch.testing.assert_close(m.next_log_probs(codes, tokens, mask, zt, sim, 1.0), cond)
+    for s in (2.0, 4.0):
+        g = m.next_log_probs(codes, tokens, mask, zt, sim, s)
+        torch.testing.assert_close(g - cond, (s - 1) * (cond - uncond), atol=1e-5, rtol=1e-5)
+        assert ((g - uncond).norm(dim=-1) > (cond - uncond).norm(dim=-1) * (s - 0.01)).all()
+    # the similarity tokens the sampler feeds the network (sim_quantile defaults to the top half)
+    sims = []
+    hook = m.sim_embed.register_forward_hook(lambda mod, inp, out: sims.append(inp[0].clone()))
+    big = 200
+    tt, tm, z = tokens[:1].expand(big, -1, -1), mask[:1].expand(big, -1), zt[:1].expand(big, -1)
+    m.sample(tt, tm, z, guidance_scale=3.0, generator=torch.Generator().manual_seed(0))
+    hook.remove()
+    drawn = sims[0][:big]
+    assert set(drawn.tolist()) == set(range(4, 8))  # sim_buckets 8: the upper half, every bucket
+    assert m.sim_range((0.5, 1.0)) == (4, 8) and m.sim_range((0.75, 1.0)) == (6, 8)
+    assert m.sim_range((0.0, 0.25)) == (0, 2)
+    with pytest.raises(ValueError, match="sim_quantile"):
+        m.sim_range((0.8, 0.5))
+    # bucket k holds quantiles [k, k + 1) / 8 of the training similarities: the top half of the
+    # training pairs gets tokens 4..7, the bottom half 0..3
+    tr = synth["train"]
+    s_train = np.sum(synth["zi"][tr] * synth["zt"][tr], 1)
+    tok = m.sim_token(torch.from_numpy(synth["zi"][tr]), torch.from_numpy(synth["zt"][tr])).numpy()
+    med = np.median(s_train)
+    assert (tok[s_train > med + 1e-6] >= 4).all() and (tok[s_train < med - 1e-6] < 4).all()
+    counts = np.bincount(tok, minlength=8)
+    assert counts.min() > 0.8 * len(tok) / 8, counts
