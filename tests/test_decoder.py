@@ -164,6 +164,24 @@ def test_samplers_and_guidance_give_images(sampler):
     assert all(im.size == (8, 8) for im in to_pil(out))
 
 
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm"])
+@torch.no_grad()
+def test_decoding_returns_the_image_the_model_predicts(sampler):
+    """A range check alone is met by any clamped output. Here the network's last layer predicts
+    one known image whatever its input (x0-prediction; weights zeroed, the bias sets interior
+    values per channel, and a variance value beside them): every sampler, guided or not, must
+    decode exactly that image. Noise left in, a step off the schedule or the variance channels
+    read as the mean all fail it, clamp or not."""
+    m = _model(prediction="sample")
+    m.unet.conv_out.weight.zero_()
+    m.unet.conv_out.bias.copy_(torch.tensor([0.3, -0.55, 0.8, 0.4, -0.2, 0.9]))
+    target = torch.tensor([0.3, -0.55, 0.8]).view(1, 3, 1, 1).expand(3, 3, 8, 8)
+    _, _, z, text = _inputs()
+    for scale in (1.0, 3.0):
+        out = decode(m, z, text, scale, sampler, 6, torch.Generator().manual_seed(0))
+        torch.testing.assert_close(out, target, atol=1e-4, rtol=0)
+
+
 @torch.no_grad()
 def test_guidance_extrapolates_from_the_unconditional_output():
     m = _model().eval()

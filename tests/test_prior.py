@@ -130,6 +130,97 @@ def test_transformer_is_causal():
     assert not torch.allclose(a[:, 4:], b[:, 4:])
 
 
+def test_masked_keys_are_excluded_exactly():
+    """Padded positions change nothing at the valid ones: the valid outputs are those of the
+    sequence with the padded positions cut out (the Transformer itself has no positions), even
+    with a padded first position (a query with no valid key) and huge values under the mask."""
+    torch.manual_seed(0)
+    net = CausalTransformer(16, 2, 2).eval()
+    x = torch.randn(2, 9, 16)
+    valid = torch.tensor([[True, False, True, True, False, False, True, True, True],
+                          [False, True, True, False, True, True, True, False, True]])
+    x[~valid] = 1e4
+    out = net(x, valid)
+    assert torch.isfinite(out).all()
+    for i in range(2):
+        alone = net(x[i, valid[i]][None])
+        torch.testing.assert_close(out[i, valid[i]], alone[0], atol=1e-5, rtol=1e-5)
+
+
+def _padded(tokens: torch.Tensor, mask: torch.Tensor, length: int = CTX):
+    """The same captions padded to ``length`` positions (as the cascade pads to the context)."""
+    pad = length - tokens.shape[1]
+    return (torch.nn.functional.pad(tokens, (0, 0, 0, pad)),
+            torch.nn.functional.pad(mask, (0, pad), value=False))
+
+
+def _captions_of_different_lengths(synth, k=3):
+    """k captions whose token counts differ (the longest sets the batch's padded length)."""
+    enc, seen, out = synth["encoder"], set(), []
+    for c in synth["captions"]:
+        n = int(enc([c])[1].sum())
+        if n not in seen:
+            seen.add(n)
+            out.append(c)
+        if len(out) == k:
+            break
+    return sorted(out, key=len)
+
+
+def test_guided_diffusion_prior_samples_do_not_depend_on_the_padding(synth):
+    """The null branch is one token at position 0, the rest masked: a guided sample of a caption
+    is the same trimmed to the batch's longest caption (as trained) or padded to the context (as
+    the cascade pads), alone or in a batch. The old null branch (null_text[:n], all n valid)
+    changed with n: cosine 0.86 between the two on one caption at guidance 4."""
+    m = _diffusion_prior().eval()
+    caps = _captions_of_different_lengths(synth)
+    tokens, mask = synth["encoder"](caps)
+    assert tokens.shape[1] < CTX and mask.sum(1).min() < tokens.shape[1]
+    zt = torch.from_numpy(synth["zt"][[synth["captions"].index(c) for c in caps]])
+    x, t = torch.randn(3, DIM), torch.tensor([10, 100, 190])
+    drop = torch.ones(3, dtype=torch.bool)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x, t, *_padded(tokens, mask), zt, drop),
+                                   m(x, t, tokens[:, :1], mask[:, :1], zt, drop), atol=1e-5, rtol=1e-5)
+
+    def draw(tt, tm, z, scale):
+        return m.sample(tt, tm, z, steps=10, guidance_scale=scale, num_candidates=2,
+                        generator=torch.Generator().manual_seed(4))
+
+    for scale in (1.0, 4.0):
+        torch.testing.assert_close(draw(*_padded(tokens, mask), zt, scale), draw(tokens, mask, zt, scale),
+                                   atol=1e-5, rtol=1e-4)
+        n0 = int(mask[0].sum())  # the shortest caption alone, trimmed to itself vs padded
+        torch.testing.assert_close(draw(*_padded(tokens[:1], mask[:1]), zt[:1], scale),
+                                   draw(tokens[:1, :n0], mask[:1, :n0], zt[:1], scale), atol=1e-5, rtol=1e-4)
+
+
+def test_guided_ar_prior_samples_do_not_depend_on_the_padding(synth):
+    """As for the diffusion prior: the AR prior's unconditional logits, hence its guided samples,
+    are the same whatever the caption padding."""
+    m = _ar_prior(synth).eval()
+    caps = _captions_of_different_lengths(synth)
+    tokens, mask = synth["encoder"](caps)
+    idx = [synth["captions"].index(c) for c in caps]
+    zt, zi = torch.from_numpy(synth["zt"][idx]), torch.from_numpy(synth["zi"][idx])
+    codes, sim = m.encode(zi), m.sim_token(zi, zt)
+    drop = torch.ones(3, dtype=torch.bool)
+    with torch.no_grad():
+        torch.testing.assert_close(m(codes[:, :4], *_padded(tokens, mask), zt, sim, drop),
+                                   m(codes[:, :4], tokens[:, :1], mask[:, :1], zt, sim, drop),
+                                   atol=1e-5, rtol=1e-5)
+
+    def draw(tt, tm, z, scale):
+        return m.sample(tt, tm, z, guidance_scale=scale, num_candidates=4,
+                        generator=torch.Generator().manual_seed(5))
+
+    for scale in (1.0, 3.0):
+        assert torch.equal(draw(*_padded(tokens, mask), zt, scale), draw(tokens, mask, zt, scale))
+        n0 = int(mask[0].sum())
+        assert torch.equal(draw(*_padded(tokens[:1], mask[:1]), zt[:1], scale),
+                           draw(tokens[:1, :n0], mask[:1, :n0], zt[:1], scale))
+
+
 def test_diffusion_prior_shapes_masking_and_dropout(synth):
     m = _diffusion_prior().eval()
     tokens, mask = synth["encoder"](synth["captions"][:3])
@@ -362,3 +453,47 @@ def test_prior_resumes_after_a_killed_driver(smoke_run, tmp_path):
     m = read_manifest(str(run_dir), "prior")
     assert m.metrics["trained_steps"] == 300
     assert m.metrics["resumed_from_step"] >= killed_after
+
+
+@torch.no_grad()
+def test_ar_prior_guidance_and_similarity_token(synth):
+    """Guidance on the AR prior's log-probabilities is uncond + s (cond - uncond): s > 1 moves
+    them away from the unconditional ones, past the conditional ones, by exactly (s - 1)(cond -
+    uncond) (the sampler draws from ``next_log_probs``). The similarity token comes from the
+    configured quantile range: top half (0.5, 1) -> the upper half of the buckets, whose edges
+    are the training z_i . z_t quantiles."""
+    m = _ar_prior(synth).eval()
+    tokens, mask = synth["encoder"](synth["captions"][:4])
+    zt, zi = torch.from_numpy(synth["zt"][:4]), torch.from_numpy(synth["zi"][:4])
+    m.null_zt.add_(1.0)  # an untrained null branch barely differs: make it
+    codes, sim = m.encode(zi)[:, :3], m.sim_token(zi, zt)
+    cond = torch.log_softmax(m(codes, tokens, mask, zt, sim)[:, -1], -1)
+    uncond = torch.log_softmax(m(codes, tokens, mask, zt, sim, torch.ones(4, dtype=torch.bool))[:, -1], -1)
+    assert (cond - uncond).abs().max() > 1e-2
+    torch.testing.assert_close(m.next_log_probs(codes, tokens, mask, zt, sim, 1.0), cond)
+    for s in (2.0, 4.0):
+        g = m.next_log_probs(codes, tokens, mask, zt, sim, s)
+        torch.testing.assert_close(g - cond, (s - 1) * (cond - uncond), atol=1e-5, rtol=1e-5)
+        assert ((g - uncond).norm(dim=-1) > (cond - uncond).norm(dim=-1) * (s - 0.01)).all()
+    # the similarity tokens the sampler feeds the network (sim_quantile defaults to the top half)
+    sims = []
+    hook = m.sim_embed.register_forward_hook(lambda mod, inp, out: sims.append(inp[0].clone()))
+    big = 200
+    tt, tm, z = tokens[:1].expand(big, -1, -1), mask[:1].expand(big, -1), zt[:1].expand(big, -1)
+    m.sample(tt, tm, z, guidance_scale=3.0, generator=torch.Generator().manual_seed(0))
+    hook.remove()
+    drawn = sims[0][:big]
+    assert set(drawn.tolist()) == set(range(4, 8))  # sim_buckets 8: the upper half, every bucket
+    assert m.sim_range((0.5, 1.0)) == (4, 8) and m.sim_range((0.75, 1.0)) == (6, 8)
+    assert m.sim_range((0.0, 0.25)) == (0, 2)
+    with pytest.raises(ValueError, match="sim_quantile"):
+        m.sim_range((0.8, 0.5))
+    # bucket k holds quantiles [k, k + 1) / 8 of the training similarities: the top half of the
+    # training pairs gets tokens 4..7, the bottom half 0..3
+    tr = synth["train"]
+    s_train = np.sum(synth["zi"][tr] * synth["zt"][tr], 1)
+    tok = m.sim_token(torch.from_numpy(synth["zi"][tr]), torch.from_numpy(synth["zt"][tr])).numpy()
+    med = np.median(s_train)
+    assert (tok[s_train > med + 1e-6] >= 4).all() and (tok[s_train < med - 1e-6] < 4).all()
+    counts = np.bincount(tok, minlength=8)
+    assert counts.min() > 0.8 * len(tok) / 8, counts

@@ -134,3 +134,27 @@ def test_lr_schedule():
     cfg = LoopConfig(total_steps=100, lr=1.0, warmup_steps=10, lr_schedule="cosine")
     assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(10, cfg) == pytest.approx(1.0)
     assert lr_at(100, cfg) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_ema_follows_its_closed_form():
+    """No warm-up: starting from a copy of the weights w_0, k updates with decay d after the model
+    took weights w_1..w_k give d^k w_0 + sum_j (1 - d) d^(k - j) w_j; buffers are copied as they are."""
+    torch.manual_seed(0)
+    model = torch.nn.BatchNorm1d(3)  # a weight, a bias and buffers
+    d = 0.9
+    w = [torch.randn(3) for _ in range(6)]
+    with torch.no_grad():
+        model.weight.copy_(w[0])
+    ema = EMA(model, d)
+    for j in range(1, 6):
+        with torch.no_grad():
+            model.weight.copy_(w[j])
+            model.running_mean.fill_(float(j))
+        ema.update(model)
+        expected = d**j * w[0] + sum((1 - d) * d ** (j - i) * w[i] for i in range(1, j + 1))
+        torch.testing.assert_close(ema.model.weight, expected, atol=1e-6, rtol=1e-6)
+        assert torch.equal(ema.model.running_mean, torch.full((3,), float(j)))
+    assert not ema.model.training and not any(p.requires_grad for p in ema.model.parameters())
+    frozen = EMA(model, 1.0)
+    frozen.update(torch.nn.BatchNorm1d(3))
+    torch.testing.assert_close(frozen.model.weight, model.weight)  # decay 1 keeps w_0

@@ -8,7 +8,11 @@ the quantized dot product z_i . z_t (quantile buckets of its training distributi
 the similarity token is drawn from the top half of that distribution (the upper half of the
 buckets, which are equally likely by construction), which the paper found gives better samples.
 The caption (tokens and z_t) is replaced by learned null tokens ``cond_drop_prob`` of the time, so
-logits can be guided (classifier-free guidance on the log-probabilities).
+logits can be guided (classifier-free guidance on the log-probabilities): one null token at
+position 0 (``null_text[0]``) with the other caption positions masked, and ``null_zt``, so the
+unconditional branch does not depend on the batch's padded caption length. AR priors trained
+before this change had a different null branch (``null_text[:n]``, all n padded positions valid);
+the state dict is unchanged (rows of ``null_text`` after the first are unused).
 
 The PCA mean, directions and bucket edges, and the similarity bucket edges, are buffers of the
 model: a checkpoint decodes its own samples with nothing else at hand.
@@ -26,7 +30,7 @@ from torch import nn
 
 from unclip import checkpoint
 from unclip.embeddings.pca import PCA
-from unclip.models.transformer import CausalTransformer, check_text
+from unclip.models.transformer import CausalTransformer, check_text, null_caption
 
 KIND = "ar_prior"
 
@@ -148,10 +152,8 @@ class ARPrior(nn.Module):
         zt = self.zt_proj(z_t.to(text.dtype) * c.dim ** 0.5)
         mask = text_mask.bool()
         if drop_text is not None:
-            d = drop_text.bool().view(b, 1)
-            text = torch.where(d[..., None], self.null_text[:n].expand(b, n, -1), text)
-            zt = torch.where(d, self.null_zt.expand(b, -1), zt)
-            mask = mask | d
+            text, mask = null_caption(text, mask, drop_text, self.null_text[0])
+            zt = torch.where(drop_text.bool().view(b, 1), self.null_zt.expand(b, -1), zt)
         prefix = torch.cat([text + self.prefix_pos[:n], (zt + self.prefix_pos[-2])[:, None],
                             (self.sim_embed(sim) + self.prefix_pos[-1])[:, None]], dim=1)
         codes = self.code_embed(codes_in) + self.comp_embed[:m]
@@ -176,6 +178,32 @@ class ARPrior(nn.Module):
 
     # ---- sampling --------------------------------------------------------------------------
 
+    def sim_range(self, sim_quantile: tuple[float, float]) -> tuple[int, int]:
+        """Similarity tokens [lo, hi) covering the quantile range ``sim_quantile`` of the training
+        z_i . z_t values (bucket k holds quantiles [k, k + 1) / sim_buckets)."""
+        q0, q1 = (float(q) for q in sim_quantile)
+        if not 0.0 <= q0 < q1 <= 1.0:
+            raise ValueError(f"sim_quantile must be (lo, hi) with 0 <= lo < hi <= 1, got {sim_quantile}")
+        n = self.cfg.sim_buckets
+        lo = min(n - 1, int(round(q0 * n)))
+        return lo, max(lo + 1, int(round(q1 * n)))
+
+    @torch.no_grad()
+    def next_log_probs(self, codes: torch.Tensor, text_tokens: torch.Tensor, text_mask: torch.Tensor,
+                       z_t: torch.Tensor, sim: torch.Tensor, guidance_scale: float = 1.0) -> torch.Tensor:
+        """Log-probabilities (B, num_buckets) of the next code after ``codes`` (B, m); guided,
+        ``uncond + s (cond - uncond)`` on the log-softmax of both branches (unnormalized), the
+        unconditional branch the null caption, in one batched pass."""
+        if guidance_scale == 1.0:
+            return F.log_softmax(self(codes, text_tokens, text_mask, z_t, sim)[:, -1].float(), -1)
+        b = codes.shape[0]
+        pair = lambda v: torch.cat([v, v])  # noqa: E731
+        drop = torch.cat([torch.zeros(b, dtype=torch.bool), torch.ones(b, dtype=torch.bool)])
+        logits = self(pair(codes), pair(text_tokens), pair(text_mask), pair(z_t), pair(sim),
+                      drop.to(codes.device))[:, -1].float()
+        cond, uncond = F.log_softmax(logits, dim=-1).chunk(2)
+        return uncond + guidance_scale * (cond - uncond)
+
     @torch.no_grad()
     def sample(self, text_tokens: torch.Tensor, text_mask: torch.Tensor, z_t: torch.Tensor,
                guidance_scale: float = 1.0, temperature: float = 1.0, num_candidates: int = 1,
@@ -194,22 +222,12 @@ class ARPrior(nn.Module):
         b, k = z_t.shape[0], int(num_candidates)
         tt, tm, zt = (v.repeat_interleave(k, 0) for v in (text_tokens, text_mask, z_t))
         bk, dev = b * k, zt.device
-        lo = min(c.sim_buckets - 1, int(round(sim_quantile[0] * c.sim_buckets)))
-        hi = max(lo + 1, int(round(sim_quantile[1] * c.sim_buckets)))
+        lo, hi = self.sim_range(sim_quantile)
         sim = torch.randint(lo, hi, (bk,), generator=generator).to(dev)
-        guided = guidance_scale != 1.0
-        if guided:
-            tt, tm, zt, sim = torch.cat([tt, tt]), torch.cat([tm, tm]), torch.cat([zt, zt]), torch.cat([sim, sim])
-            drop = torch.cat([torch.zeros(bk, dtype=torch.bool), torch.ones(bk, dtype=torch.bool)]).to(dev)
         codes = torch.zeros(bk, 0, dtype=torch.long, device=dev)
         for j in range(c.n_components):
             # no key/value cache: recomputing the short sequence is cheap at the sizes trained here
-            inp = torch.cat([codes, codes]) if guided else codes
-            logits = self(inp, tt, tm, zt, sim, drop if guided else None)[:, -1].float()
-            logp = F.log_softmax(logits, dim=-1)
-            if guided:
-                cond, uncond = logp.chunk(2)
-                logp = uncond + guidance_scale * (cond - uncond)
+            logp = self.next_log_probs(codes, tt, tm, zt, sim, guidance_scale)
             probs = F.softmax(logp / temperature, dim=-1)
             nxt = torch.multinomial(probs.cpu(), 1, generator=generator).to(dev)
             codes = torch.cat([codes, nxt], dim=1)

@@ -4,7 +4,12 @@ image embedding (x0-prediction, MSE), as in Ramesh et al. 2022, sec. 2.2.
 The sequence is [caption token encodings, z_t, timestep embedding, noised z_i, query]; the output
 at the final (query) token is the prediction of z_i. The caption (tokens and z_t) is replaced by
 learned null tokens ``cond_drop_prob`` of the time (10% in the paper) so that sampling can use
-classifier-free guidance. Sampling draws ``num_candidates`` embeddings per caption and keeps the
+classifier-free guidance: one null token at position 0 (``null_text[0]``), the other caption
+positions masked, and ``null_zt`` for z_t, so the unconditional branch does not depend on the
+batch's padded caption length (training pads to the batch's longest caption, the cascade to the
+whole context). Priors trained before this change had a different null branch (``null_text[:n]``,
+all n padded positions valid): guided, they sample differently now; the state dict keys and
+shapes are unchanged (rows of ``null_text`` after the first are unused). Sampling draws ``num_candidates`` embeddings per caption and keeps the
 one with the largest dot product with z_t (k=2 in the paper).
 
 The model works in a scaled space ``x = embed_scale * (z_i - embed_mean)``: unit-norm embeddings
@@ -27,7 +32,7 @@ from torch import nn
 from unclip import checkpoint
 from unclip.diffusion import DiffusionConfig, GaussianDiffusion, guide
 from unclip.diffusion import sample as diffusion_sample
-from unclip.models.transformer import CausalTransformer, check_text, timestep_embedding
+from unclip.models.transformer import CausalTransformer, check_text, null_caption, timestep_embedding
 
 KIND = "diffusion_prior"
 SCALE_RULES = ("sqrt_dim", "unit_variance")
@@ -107,7 +112,7 @@ class DiffusionPrior(nn.Module):
                 text_mask: torch.Tensor, z_t: torch.Tensor,
                 drop_text: torch.Tensor | None = None) -> torch.Tensor:
         """Predicted clean embedding in the scaled space, (B, dim). ``drop_text`` (B,) bool
-        replaces the caption (tokens and z_t) by the learned null tokens."""
+        replaces the caption by the null token at position 0 (the rest masked) and z_t by null_zt."""
         c = self.cfg
         check_text(text_tokens, text_mask, c.text_width, c.max_text_len, "DiffusionPrior")
         if x_t.shape[-1] != c.dim or z_t.shape[-1] != c.dim:
@@ -118,10 +123,8 @@ class DiffusionPrior(nn.Module):
         zt = self.zt_proj(z_t.to(text.dtype) * math.sqrt(c.dim))
         mask = text_mask.bool()
         if drop_text is not None:
-            d = drop_text.bool().view(b, 1)
-            text = torch.where(d[..., None], self.null_text[:n].expand(b, n, -1), text)
-            zt = torch.where(d, self.null_zt.expand(b, -1), zt)
-            mask = mask | d
+            text, mask = null_caption(text, mask, drop_text, self.null_text[0])
+            zt = torch.where(drop_text.bool().view(b, 1), self.null_zt.expand(b, -1), zt)
         temb = self.time_mlp(timestep_embedding(t, c.width).to(text.dtype))
         seq = torch.cat([text, zt[:, None], temb[:, None], self.x_proj(x_t.to(text.dtype))[:, None],
                          self.query.expand(b, 1, -1)], dim=1)

@@ -38,7 +38,12 @@ class Block(nn.Module):
 
 
 class CausalTransformer(nn.Module):
-    """Blocks + final LayerNorm; ``forward(x, key_valid)`` with ``key_valid`` (B, S) bool."""
+    """Blocks + final LayerNorm; ``forward(x, key_valid)`` with ``key_valid`` (B, S) bool.
+
+    A key that is not valid gets exactly zero attention weight from every query, so padded
+    positions change nothing at the valid ones. Every query also attends to itself: a padded
+    query then has a key (no fully masked row, whose softmax some kernels turn into NaN that
+    would reach the valid positions through the values) and its own output stays unread."""
 
     def __init__(self, width: int, layers: int, heads: int, dropout: float = 0.0):
         super().__init__()
@@ -49,7 +54,8 @@ class CausalTransformer(nn.Module):
         s = x.shape[1]
         mask = torch.ones(s, s, dtype=torch.bool, device=x.device).tril()[None, None]
         if key_valid is not None:
-            mask = mask & key_valid[:, None, None, :]
+            eye = torch.eye(s, dtype=torch.bool, device=x.device)[None, None]
+            mask = mask & (key_valid[:, None, None, :] | eye)
         for blk in self.blocks:
             x = blk(x, mask)
         return self.ln(x)
@@ -69,9 +75,22 @@ def check_text(text_tokens: torch.Tensor, text_mask: torch.Tensor, text_width: i
     """Shapes of the caption token encodings, with an error that names what is wrong."""
     if text_tokens.ndim != 3 or text_tokens.shape[-1] != text_width:
         raise ValueError(f"{who}: text_tokens must be (B, L, {text_width}), got {tuple(text_tokens.shape)}")
+    if text_tokens.shape[1] < 1:
+        raise ValueError(f"{who}: text_tokens have no positions; the null caption needs one")
     if text_tokens.shape[1] > max_text_len:
         raise ValueError(f"{who}: {text_tokens.shape[1]} caption tokens, the model takes at most "
                          f"{max_text_len} (max_text_len)")
     if text_mask.shape != text_tokens.shape[:2]:
         raise ValueError(f"{who}: text_mask must be {tuple(text_tokens.shape[:2])}, "
                          f"got {tuple(text_mask.shape)}")
+
+
+def null_caption(text: torch.Tensor, mask: torch.Tensor, drop: torch.Tensor,
+                 null: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Replace the dropped rows' caption (B, n, W) by one ``null`` token at position 0 and mask the
+    other n - 1 positions: the unconditional branch must not depend on the padded length n."""
+    d = drop.bool().view(-1, 1).to(mask.device)
+    first = torch.zeros_like(mask, dtype=torch.bool)
+    first[:, 0] = True
+    text = torch.where(d[..., None], null.to(text.dtype).expand_as(text), text)
+    return text, torch.where(d, first, mask.bool())
