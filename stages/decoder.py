@@ -325,4 +325,4 @@ def train_loop(config: dict[str, Any]) -> None:
         return out
 
     loop.train(session, model, opt, ema, batches, step_loss, cfg, start_step, start_epoch,
-               evaluate=evaluate, fault=config.get("fault"))
+               evaluate=evaluate, fault=config.get("fault"), generator=gen)

@@ -31,7 +31,7 @@ def fit(ctx: StageContext, train_loop: Callable[[dict], None], loop_config: dict
         num_workers: int, datasets: dict | None = None, max_failures: int = 3):
     """Run ``train_loop`` data-parallel on ``num_workers`` Ray Train workers; returns the Result."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     use_gpu = bool(ctx.cfg.ray.num_gpus) or (torch.cuda.is_available() and not ctx.cfg.ray.address
                                              and ctx.cfg.ray.num_gpus is None)
@@ -39,10 +39,12 @@ def fit(ctx: StageContext, train_loop: Callable[[dict], None], loop_config: dict
     config = {**loop_config,
               "mlflow": {"tracking_uri": tracking.tracking_uri(ctx.cfg), "run_id": ctx.mlflow_run_id},
               "fault": fault_injection(),
-              "checkpoint_dir": storage.join(checkpoint_root(ctx), name)}
+              "checkpoint_dir": storage.join(checkpoint_root(ctx), name),
+              "collective_timeout_s": collective_timeout(ctx)}
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=config,
+        torch_config=TorchConfig(timeout_s=int(config["collective_timeout_s"])),
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                      resources_per_worker=None if use_gpu else {"CPU": 1}),
         run_config=RunConfig(name=name, storage_path=checkpoint_root(ctx),
@@ -51,6 +53,18 @@ def fit(ctx: StageContext, train_loop: Callable[[dict], None], loop_config: dict
         datasets=datasets or {},
     )
     return trainer.fit()
+
+
+def collective_timeout(ctx: StageContext) -> float:
+    """``ray.collective_timeout_s``: the process group's timeout and the evaluation barrier's."""
+    value = ctx.cfg.ray.get("collective_timeout_s", 1800)
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        seconds = -1.0
+    if not seconds > 0:
+        raise ValueError(f"ray.collective_timeout_s must be a positive number of seconds, got {value!r}")
+    return seconds
 
 
 def checkpoint_name(ctx: StageContext) -> str:
@@ -105,6 +119,8 @@ class WorkerSession:
         self.world_size = ctx.get_world_size()
         self.mlflow = config.get("mlflow") or {}
         self.checkpoint_dir = config.get("checkpoint_dir")
+        # bounds the barrier the other ranks wait at while rank 0 evaluates (unclip.training.loop)
+        self.collective_timeout_s = float(config.get("collective_timeout_s") or 1800)
         self._client = None
         self._t0 = time.monotonic()
 
