@@ -24,6 +24,8 @@ from unclip.data.shards import list_shards
 from unclip.eval.retrieval import recall_at_k, zero_shot_attributes
 from unclip.models.clip import ClipEncoder, create_custom, load_clip
 from unclip.registry import register_checkpoint
+from unclip.training.loop import _kill_once
+from unclip.training.parallel import DataParallelProbe, wait_for_main
 
 log = logging.getLogger("unclip")
 MEAN = torch.tensor((0.48145466, 0.4578275, 0.40821073)).view(1, 3, 1, 1)
@@ -172,12 +174,14 @@ def train_loop(config: dict[str, Any]) -> None:
                             lr=float(t["lr"]), betas=(0.9, 0.98), eps=1e-6)
     meta = session.restore(model, opt, None)
     step, start_epoch = int(meta.get("step", 0)), int(meta.get("epoch", -1)) + 1
+    resumed_from = step
     loss_fn = ClipLoss(gather_with_grad=True, rank=session.rank, world_size=session.world_size)
     tok = SimpleTokenizer(context_length=int(inner.context_length))
     per_worker = max(1, config["n_train"] // session.world_size)
     steps_per_epoch = max(1, per_worker // int(t["batch_size"]))
     total = steps_per_epoch * int(t["epochs"])
     shard = ray.train.get_dataset_shard("train")
+    probe = DataParallelProbe()  # dp_* metrics: distinct data and weights across the ranks
 
     for epoch in range(start_epoch, int(t["epochs"])):
         losses = []
@@ -195,24 +199,31 @@ def train_loop(config: dict[str, Any]) -> None:
                 training._say(f"[unclip] warning: non-finite loss at step {step}, batch skipped")
                 opt.zero_grad(set_to_none=True)
                 continue
+            probe.before_first_step(batch, None)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), float(t["grad_clip"]))
             opt.step()
             with torch.no_grad():
                 inner.logit_scale.clamp_(0, math.log(100))
+            probe.after_first_step(inner)
             step += 1
             losses.append(float(loss))
+            fault = config.get("fault")
+            if fault and step == int(fault.get("kill_at_step", -1)):
+                _kill_once(step, str(fault["marker"]))
             if step % int(t["log_every"]) == 0:
                 session.log({"train_loss": float(loss), "lr": lr}, step)
                 session.progress(step, total, {"loss": float(loss)})
         metrics = {"train_loss_epoch": float(np.mean(losses)) if losses else float("nan"),
-                   "epoch": epoch, "step": step}
+                   "epoch": epoch, "step": step, "resumed_from_step": float(resumed_from),
+                   **probe.at_end(inner, None)}
         if session.is_main:
             metrics.update(evaluate(inner, config["holdout"]))
             session.log({k: v for k, v in metrics.items() if k != "epoch"}, step)
             session.progress(step, total, {k: v for k, v in metrics.items()
                                            if k.startswith(("val_recall", "train_loss"))})
+        wait_for_main(session.collective_timeout_s, "evaluation")
         session.report(metrics, model, opt, None, {"step": step, "epoch": epoch})
 
 

@@ -188,13 +188,24 @@ class Evaluator:
         return None if self.text is None else TextCondition(self.text.states[:n], self.text.mask[:n])
 
     def decode(self, model: Decoder, n: int) -> np.ndarray:
+        """The first ``n`` held-out embeddings decoded ``eval.batch_size`` at a time (memory bounded
+        by the chunk, not by ``num_images``); chunk i starts from noise seeded ``seed + i``."""
         from unclip.models.decoder_sampling import decode, to_uint8
 
         s, e = self.cfg["sampling"], self.cfg["eval"]
-        gen = torch.Generator().manual_seed(int(e["seed"]))
-        x = decode(model, torch.from_numpy(self.embeddings[:n]), self.text_for(n),
-                   float(s["guidance_scale"]), str(s["sampler"]), int(s["steps"]), gen)
-        return to_uint8(x)
+        chunk = int(e.get("batch_size") or n) or 1
+        if chunk < 1:
+            raise ValueError(f"decoder.eval.batch_size must be at least 1, got {chunk}")
+        out = []
+        for i in range(0, n, chunk):
+            j = min(n, i + chunk)
+            text = None if self.text is None else TextCondition(self.text.states[i:j],
+                                                                self.text.mask[i:j])
+            gen = torch.Generator().manual_seed(int(e["seed"]) + i)
+            x = decode(model, torch.from_numpy(self.embeddings[i:j]), text,
+                       float(s["guidance_scale"]), str(s["sampler"]), int(s["steps"]), gen)
+            out.append(to_uint8(x))
+        return np.concatenate(out) if out else np.zeros((0, *self.images.shape[1:]), np.uint8)
 
     def scores(self, decoded: np.ndarray, prefix: str = "") -> dict[str, float]:
         n = len(decoded)
@@ -325,4 +336,4 @@ def train_loop(config: dict[str, Any]) -> None:
         return out
 
     loop.train(session, model, opt, ema, batches, step_loss, cfg, start_step, start_epoch,
-               evaluate=evaluate, fault=config.get("fault"))
+               evaluate=evaluate, fault=config.get("fault"), generator=gen)

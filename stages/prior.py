@@ -51,7 +51,11 @@ class CaptionEncoder:
 
     @torch.no_grad()
     def _compute(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        _, states, mask = text_tokens(self.model, to_device(self.clip.tokenize(captions), self.device))
+        # float32 even inside the training autocast: a cached caption's states must not depend on
+        # whether a step (autocast) or validation first saw it
+        with torch.autocast(self.device.type, enabled=False):
+            _, states, mask = text_tokens(self.model, to_device(self.clip.tokenize(captions),
+                                                                self.device))
         return states, mask
 
     @torch.no_grad()
@@ -277,5 +281,5 @@ def train_loop(config: dict[str, Any]) -> None:
 
     train(session, model, opt, ema, batches, step_loss, loop_cfg,
           start_step=int(meta.get("step", 0)), start_epoch=int(meta.get("epoch", 0)),
-          evaluate=evaluate, fault=config.get("fault"))
+          evaluate=evaluate, fault=config.get("fault"), generator=gen)
 

@@ -31,7 +31,7 @@ def fit(ctx: StageContext, train_loop: Callable[[dict], None], loop_config: dict
         num_workers: int, datasets: dict | None = None, max_failures: int = 3):
     """Run ``train_loop`` data-parallel on ``num_workers`` Ray Train workers; returns the Result."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     use_gpu = bool(ctx.cfg.ray.num_gpus) or (torch.cuda.is_available() and not ctx.cfg.ray.address
                                              and ctx.cfg.ray.num_gpus is None)
@@ -40,10 +40,12 @@ def fit(ctx: StageContext, train_loop: Callable[[dict], None], loop_config: dict
     config = {**loop_config,
               "mlflow": {"tracking_uri": tracking.tracking_uri(ctx.cfg), "run_id": ctx.mlflow_run_id},
               "fault": fault_injection(), "progress_board": board,
-              "checkpoint_dir": storage.join(checkpoint_root(ctx), name)}
+              "checkpoint_dir": storage.join(checkpoint_root(ctx), name),
+              "collective_timeout_s": collective_timeout(ctx)}
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=config,
+        torch_config=TorchConfig(timeout_s=int(config["collective_timeout_s"])),
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                      resources_per_worker=None if use_gpu else {"CPU": 1}),
         run_config=RunConfig(name=name, storage_path=checkpoint_root(ctx),
@@ -126,6 +128,18 @@ def _progress_bar(board, stage: str):
             ray.kill(board)
 
 
+def collective_timeout(ctx: StageContext) -> float:
+    """``ray.collective_timeout_s``: the process group's timeout and the evaluation barrier's."""
+    value = ctx.cfg.ray.get("collective_timeout_s", 1800)
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        seconds = -1.0
+    if not seconds > 0:
+        raise ValueError(f"ray.collective_timeout_s must be a positive number of seconds, got {value!r}")
+    return seconds
+
+
 def checkpoint_name(ctx: StageContext) -> str:
     """``<stage>-<hash of the keys that define the result>``: an operational change (log or
     checkpoint cadence, threads) resumes the same training. A training interrupted before that
@@ -179,6 +193,8 @@ class WorkerSession:
         self.mlflow = config.get("mlflow") or {}
         self.checkpoint_dir = config.get("checkpoint_dir")
         self.board = config.get("progress_board")  # the driver's bar, when it shows one
+        # bounds the barrier the other ranks wait at while rank 0 evaluates (unclip.training.loop)
+        self.collective_timeout_s = float(config.get("collective_timeout_s") or 1800)
         self._client = None
         self._t0 = time.monotonic()
 

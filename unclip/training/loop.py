@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterable, Mapping, Protocol
 import torch
 
 from unclip.devices import model_device
+from unclip.training.parallel import DataParallelProbe, wait_for_main
 from unclip.training.state import EMA, unwrap
 
 log = logging.getLogger("unclip")
@@ -110,13 +111,17 @@ def train(session: Session, model: torch.nn.Module, optimizer: torch.optim.Optim
           batches: Callable[[int], Iterable[Any]], step_loss: Callable[[torch.nn.Module, Any], dict],
           cfg: LoopConfig, start_step: int = 0, start_epoch: int = 0,
           evaluate: Callable[[torch.nn.Module, int], dict[str, float]] | None = None,
-          fault: Mapping[str, Any] | None = None) -> dict[str, float]:
+          fault: Mapping[str, Any] | None = None,
+          generator: torch.Generator | None = None) -> dict[str, float]:
     """Train until ``cfg.total_steps``; returns the final metrics (with the last evaluation).
 
     ``batches(epoch)`` yields one epoch of batches; ``step_loss(model, batch)`` returns a dict with
     a scalar ``loss`` (and any other scalars to log). A non-finite loss or gradient skips the step on
     every rank alike (gradients are all-reduced, so all ranks see the same norm); too many in a row
-    stop training with a clear error, the last checkpoint kept.
+    stop training with a clear error, the last checkpoint kept. Evaluation runs on rank 0 under
+    the training autocast while the other ranks wait at a barrier bounded by ``session.collective_timeout_s``.
+    ``generator`` (the one ``step_loss`` draws noise from; None: torch's default) feeds the
+    data-parallel probe's ``dp_*`` metrics (:mod:`unclip.training.parallel`).
     """
     device = model_device(model)
     autocast, scaler = autocast_for(device, cfg.amp)
@@ -125,6 +130,8 @@ def train(session: Session, model: torch.nn.Module, optimizer: torch.optim.Optim
     metrics: dict[str, float] = {}
     sums: dict[str, float] = {}
     count = 0
+    probe = DataParallelProbe()
+    timeout_s = float(getattr(session, "collective_timeout_s", 1800.0))
     model.train()
     while step < cfg.total_steps:
         for batch in batches(epoch):
@@ -132,6 +139,7 @@ def train(session: Session, model: torch.nn.Module, optimizer: torch.optim.Optim
                 break
             for g in optimizer.param_groups:
                 g["lr"] = lr_at(step, cfg)
+            probe.before_first_step(batch, generator)
             with autocast:
                 out = step_loss(model, batch)
             loss = out["loss"]
@@ -162,6 +170,7 @@ def train(session: Session, model: torch.nn.Module, optimizer: torch.optim.Optim
             else:
                 optimizer.step()
             ema.update(unwrap(model))
+            probe.after_first_step(unwrap(model))
             step += 1
             count += 1
             for k, v in out.items():
@@ -175,19 +184,27 @@ def train(session: Session, model: torch.nn.Module, optimizer: torch.optim.Optim
                 session.progress(step, cfg.total_steps, metrics)
                 sums, count = {}, 0
             evaluated = {}
-            if evaluate is not None and session.is_main and cfg.eval_every and step % cfg.eval_every == 0 \
+            if evaluate is not None and cfg.eval_every and step % cfg.eval_every == 0 \
                     and step != cfg.total_steps:
-                evaluated = evaluate(ema.model, step)
-                session.log(evaluated, step)
+                if session.is_main:
+                    with autocast:
+                        evaluated = evaluate(ema.model, step)
+                    session.log(evaluated, step)
+                wait_for_main(timeout_s, "evaluation")
             if step % cfg.checkpoint_every == 0 and step != cfg.total_steps:
                 meta = {"step": step, "epoch": epoch}
-                session.report({**metrics, **evaluated, "step": step}, model, optimizer, ema, meta)
+                session.report({**metrics, **evaluated, **probe.metrics, "step": step}, model,
+                               optimizer, ema, meta)
         epoch += 1
-    final = {**metrics, "resumed_from_step": float(start_step)}
-    if evaluate is not None and session.is_main:
-        final.update(evaluate(ema.model, step))
-        session.log({k: v for k, v in final.items() if not k.startswith("train_")}, step)
-        session.progress(step, cfg.total_steps, final)
+    final = {**metrics, "resumed_from_step": float(start_step),
+             **probe.at_end(unwrap(model), ema.model)}
+    if evaluate is not None:
+        if session.is_main:
+            with autocast:
+                final.update(evaluate(ema.model, step))
+            session.log({k: v for k, v in final.items() if not k.startswith("train_")}, step)
+            session.progress(step, cfg.total_steps, final)
+        wait_for_main(timeout_s, "final evaluation")
     session.report({**final, "step": step}, model, optimizer, ema, {"step": step, "epoch": epoch})
     return final
 
