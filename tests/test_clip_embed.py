@@ -239,16 +239,25 @@ def test_clip_reference_from_tag_file_and_registry(tmp_path, monkeypatch):
 
     # the registry: an alias is pinned to its version in the record
     monkeypatch.setenv("UNCLIP_CACHE_DIR", str(tmp_path / "cache"))
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
-    trained = ClipEncoder(create_custom(TINY_CLIP), {"arch": "custom"}, TINY_CLIP)
-    trained.save(str(tmp_path / "trained"))
-    with mlflow.start_run():
-        version, _ = register_checkpoint(str(tmp_path / "trained"), "ref-clip", None)
-    reg = load_clip("models:/ref-clip@champion")
-    assert reg.identity["source"] == f"models:/ref-clip/{version}"
-    reg.save_reference(str(tmp_path / "ref-reg"))
-    np.testing.assert_allclose(load_clip(str(tmp_path / "ref-reg")).encode_text(captions),
-                               trained.encode_text(captions), atol=1e-6)
+    from mlflow.tracking import fluent
+
+    # globals: this test neither inherits another store's active experiment nor leaves its own
+    monkeypatch.setattr(fluent, "_active_experiment_id", None)
+    previous = mlflow.get_tracking_uri()
+    try:
+        mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+        mlflow.set_experiment("clip-reference")
+        trained = ClipEncoder(create_custom(TINY_CLIP), {"arch": "custom"}, TINY_CLIP)
+        trained.save(str(tmp_path / "trained"))
+        with mlflow.start_run():
+            version, _ = register_checkpoint(str(tmp_path / "trained"), "ref-clip", None)
+        reg = load_clip("models:/ref-clip@champion")
+        assert reg.identity["source"] == f"models:/ref-clip/{version}"
+        reg.save_reference(str(tmp_path / "ref-reg"))
+        np.testing.assert_allclose(load_clip(str(tmp_path / "ref-reg")).encode_text(captions),
+                                   trained.encode_text(captions), atol=1e-6)
+    finally:
+        mlflow.set_tracking_uri(previous)
 
     # weights that change under a recorded CLIP are refused, naming the file
     from_file.save_reference(str(tmp_path / "ref-changed"))
