@@ -128,9 +128,9 @@ class UnCLIP:
             guidance = 1.0 if inverted else float(d["guidance_scale"])
         return replace(
             s, prior_guidance=float(pick(s.prior_guidance, p["guidance_scale"])),
-            prior_steps=int(pick(s.prior_steps, p.get("steps", FALLBACK["prior"]["steps"]))),
+            prior_steps=int(pick(s.prior_steps, p["steps"])),
             prior_candidates=int(pick(s.prior_candidates, p["num_candidates"])),
-            prior_sampler=str(pick(s.prior_sampler, p.get("sampler", FALLBACK["prior"]["sampler"]))),
+            prior_sampler=str(pick(s.prior_sampler, p["sampler"])),
             decoder_sampler=str(pick(s.decoder_sampler, d["sampler"])),
             decoder_steps=int(pick(s.decoder_steps, d["steps"])), decoder_guidance=float(guidance),
             decoder_eta=float(pick(s.decoder_eta, d.get("eta", 0.0))))
