@@ -13,31 +13,20 @@ from typing import Any
 import numpy as np
 import ray
 import torch
-import torch.nn.functional as F
 
 from pipelines.config import to_container
 from pipelines.context import StageContext, StageResult
 from stages import training
 from unclip.data.loading import iter_decoded
-from unclip.devices import model_device, to_device, to_numpy
+from unclip.devices import model_device, to_device
 from unclip.data.shards import list_shards
-from unclip.eval.retrieval import recall_at_k, zero_shot_attributes
-from unclip.models.clip import ClipEncoder, create_custom, load_clip
+from unclip.eval.clip_eval import heldout_retrieval
+from unclip.models.clip import ClipEncoder, create_custom, load_clip, to_model_input
 from unclip.registry import register_checkpoint
 from unclip.training.loop import _kill_once
 from unclip.training.parallel import DataParallelProbe, wait_for_main
 
 log = logging.getLogger("unclip")
-MEAN = torch.tensor((0.48145466, 0.4578275, 0.40821073)).view(1, 3, 1, 1)
-STD = torch.tensor((0.26862954, 0.26130258, 0.27577711)).view(1, 3, 1, 1)
-
-
-def to_model_input(images: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """uint8 (B, H, W, 3) -> normalized float (B, 3, H, W), CLIP's statistics."""
-    x = torch.from_numpy(np.array(images, dtype=np.uint8)).permute(0, 3, 1, 2).float().div_(255.0)
-    return (x - MEAN) / STD
-
-
 def run(ctx: StageContext) -> StageResult:
     c = ctx.stage_cfg
     if c.source:
@@ -128,31 +117,6 @@ def _cache_decoded(ctx: StageContext, size: int) -> bool:
     return int(kept) * size * size * 3 / 2**20 <= limit_mb
 
 
-def evaluate(model: torch.nn.Module, holdout: dict[str, Any], batch_size: int = 256) -> dict[str, float]:
-    """Held-out image->text recall@1/@5 (text-level) and the chance level of each; on synthetic
-    shapes captions also zero-shot colour and shape of single objects."""
-    from open_clip.tokenizer import SimpleTokenizer
-
-    model.eval()
-    tok = SimpleTokenizer(context_length=int(model.context_length))
-    device = model_device(model)  # a GPU worker's model: inputs go there, outputs back
-
-    def encode_text(captions: list[str]) -> np.ndarray:
-        return to_numpy(torch.cat([F.normalize(model.encode_text(to_device(tok(captions[i:i + batch_size]), device)),
-                                               dim=-1) for i in range(0, len(captions), batch_size)]))
-
-    img = []
-    with torch.no_grad():
-        for i in range(0, len(holdout["captions"]), batch_size):
-            img.append(F.normalize(model.encode_image(to_device(to_model_input(
-                holdout["images"][i:i + batch_size]), device)), dim=-1))
-        image_emb = to_numpy(torch.cat(img))
-        r = recall_at_k(image_emb, encode_text(list(holdout["captions"])), holdout["captions"])
-        r.update(zero_shot_attributes(image_emb, holdout["captions"], encode_text))
-    model.train()
-    return {f"val_{k}": v for k, v in r.items()}
-
-
 def train_loop(config: dict[str, Any]) -> None:
     """One Ray Train worker: open_clip CLIP + ClipLoss (features gathered across workers)."""
     import ray.train
@@ -219,7 +183,7 @@ def train_loop(config: dict[str, Any]) -> None:
                    "epoch": epoch, "step": step, "resumed_from_step": float(resumed_from),
                    **probe.at_end(inner, None)}
         if session.is_main:
-            metrics.update(evaluate(inner, config["holdout"]))
+            metrics.update(heldout_retrieval(inner, config["holdout"]))
             session.log({k: v for k, v in metrics.items() if k != "epoch"}, step)
             session.progress(step, total, {k: v for k, v in metrics.items()
                                            if k.startswith(("val_recall", "train_loss"))})

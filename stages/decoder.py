@@ -16,7 +16,6 @@ and registered with an alias.
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import time
@@ -34,10 +33,10 @@ from unclip.devices import model_device
 from unclip.data.paired import PairedRows, iter_paired
 from unclip.data.shards import list_shards
 from unclip.diffusion import DiffusionConfig, GaussianDiffusion
-from unclip.eval.decoding import (clip_cosines, conditioning_effects, detector_scores,
-                                  nearest_by_embedding, scenes_of)
+from unclip.eval.decoder_eval import DecoderEvaluator
+from unclip.eval.decoding import detector_scores, nearest_by_embedding, scenes_of
 from unclip.models.decoder import Decoder, DecoderConfig, dropout_masks
-from unclip.models.decoder_sampling import TextCondition, caption_condition
+from unclip.models.decoder_sampling import caption_condition
 from unclip.registry import register_checkpoint
 
 log = logging.getLogger("unclip")
@@ -170,69 +169,11 @@ def _holdout(shards: list[str], embeddings: str, size: int, frac: float, n: int)
 # ---- inside the training workers -----------------------------------------------------------------
 
 
-class Evaluator:
-    """Decodes the fixed held-out embeddings with the EMA model, scores them, writes grids."""
-
-    def __init__(self, config: dict[str, Any], clip, session: training.WorkerSession):
-        self.cfg, self.clip, self.session = config, clip, session
-        h = config["holdout"]
-        self.images, self.captions = h["images"], list(h["captions"])
-        self.embeddings = np.asarray(h["embeddings"], np.float32)
-        self.scenes = scenes_of(h["metas"])
-        self.seconds = 0.0
-        # the held-out captions never change: their token states are computed once, not per eval
-        self.text = caption_condition(clip, self.captions) if config["model"]["use_caption"] else None
-
-    def text_for(self, n: int) -> TextCondition | None:
-        """Token states of the first ``n`` held-out captions (None without caption conditioning)."""
-        return None if self.text is None else TextCondition(self.text.states[:n], self.text.mask[:n])
-
-    def decode(self, model: Decoder, n: int) -> np.ndarray:
-        """The first ``n`` held-out embeddings decoded ``eval.batch_size`` at a time (memory bounded
-        by the chunk, not by ``num_images``); chunk i starts from noise seeded ``seed + i``."""
-        from unclip.models.decoder_sampling import decode, to_uint8
-
-        s, e = self.cfg["sampling"], self.cfg["eval"]
-        chunk = int(e.get("batch_size") or n) or 1
-        if chunk < 1:
-            raise ValueError(f"decoder.eval.batch_size must be at least 1, got {chunk}")
-        out = []
-        for i in range(0, n, chunk):
-            j = min(n, i + chunk)
-            text = None if self.text is None else TextCondition(self.text.states[i:j],
-                                                                self.text.mask[i:j])
-            gen = torch.Generator().manual_seed(int(e["seed"]) + i)
-            x = decode(model, torch.from_numpy(self.embeddings[i:j]), text,
-                       float(s["guidance_scale"]), str(s["sampler"]), int(s["steps"]), gen)
-            out.append(to_uint8(x))
-        return np.concatenate(out) if out else np.zeros((0, *self.images.shape[1:]), np.uint8)
-
-    def scores(self, decoded: np.ndarray, prefix: str = "") -> dict[str, float]:
-        n = len(decoded)
-        out = clip_cosines(self.clip, decoded, self.embeddings[:n])
-        if self.scenes is not None and n >= 2:
-            out.update(detector_scores(decoded, self.scenes[:n], int(self.cfg["eval"]["detector_size"])))
-        return {prefix + k: v for k, v in out.items()}
-
-    def grid(self, decoded: np.ndarray, step: int) -> None:
-        """True images over their decodes, 8 per row pair; saved to the stage folder and MLflow."""
-        from unclip.models.decoder_sampling import image_grid
-
-        n = min(len(decoded), int(self.cfg["eval"]["grid_images"]))
-        cells = []
-        for i in range(0, n, 8):
-            cells += list(self.images[i:min(i + 8, n)]) + [np.full_like(self.images[0], 255)] * (8 - min(8, n - i))
-            cells += list(decoded[i:min(i + 8, n)]) + [np.full_like(decoded[0], 255)] * (8 - min(8, n - i))
-        side = decoded.shape[1]
-        img = image_grid(cells, 8, scale=max(1, 64 // side))
-        buf = io.BytesIO()
-        img.save(buf, format="PNG")
-        name = f"step_{step:06d}.png"
-        storage.write_bytes(storage.join(self.cfg["grids"], name), buf.getvalue())
-        self._log_artifact(name, buf.getvalue())
-
-    def _log_artifact(self, name: str, data: bytes) -> None:
-        ml = self.cfg.get("mlflow") or {}
+def publish_grid(config: dict[str, Any]):
+    """Where the evaluator's grids go: the stage's grid folder, and the worker's MLflow run."""
+    def publish(name: str, png: bytes) -> None:
+        storage.write_bytes(storage.join(config["grids"], name), png)
+        ml = config.get("mlflow") or {}
         if not ml.get("run_id"):
             return
         import tempfile
@@ -243,27 +184,12 @@ class Evaluator:
             with tempfile.TemporaryDirectory() as d:
                 path = os.path.join(d, name)
                 with open(path, "wb") as f:
-                    f.write(data)
+                    f.write(png)
                 MlflowClient(tracking_uri=ml["tracking_uri"]).log_artifact(ml["run_id"], path, "grids")
         except Exception as exc:  # a tracking hiccup must not kill training
             training._say(f"[unclip] warning: could not log grid {name} to MLflow: "
                           f"{str(exc).splitlines()[0][:200]}")
-
-    def effects(self, model: Decoder, n: int) -> dict[str, float]:
-        """``val_clip_effect`` / ``val_caption_effect``: does the decoder use each condition yet."""
-        out = conditioning_effects(model, self.images[:n], self.embeddings[:n], self.text_for(n),
-                                   seed=int(self.cfg["eval"]["seed"]))
-        return {"val_" + k: v for k, v in out.items()}
-
-    def __call__(self, model: Decoder, step: int, final: bool) -> dict[str, float]:
-        t0 = time.monotonic()
-        n_grid = min(int(self.cfg["eval"]["grid_images"]), len(self.captions))
-        decoded = self.decode(model, len(self.captions) if final else n_grid)
-        self.grid(decoded[:n_grid], step)
-        out = self.scores(decoded, "" if final else "grid_")
-        out.update({k if final else "grid_" + k: v for k, v in self.effects(model, n_grid).items()})
-        self.seconds += time.monotonic() - t0
-        return out
+    return publish
 
 
 def train_loop(config: dict[str, Any]) -> None:
@@ -323,7 +249,9 @@ def train_loop(config: dict[str, Any]) -> None:
             x0, generator=gen)
         return {k: v.mean() for k, v in losses.items()}
 
-    evaluator = Evaluator(config, clip, session) if session.is_main else None
+    evaluator = (DecoderEvaluator(config["holdout"], clip, config["sampling"], config["eval"],
+                                  bool(config["model"]["use_caption"]), publish_grid(config))
+                 if session.is_main else None)
     t_start = time.monotonic()
 
     def evaluate(ema_model: torch.nn.Module, step: int) -> dict[str, float]:

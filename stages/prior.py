@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -24,106 +24,17 @@ from pipelines.config import to_container
 from pipelines.context import StageContext, StageResult
 from stages import training
 from stages.prior_data import read_holdout, read_split, split_dataset, train_statistics
-from unclip.devices import model_device, to_device, to_host, to_numpy
 from unclip.embeddings import io as eio
-from unclip.models.clip import ClipEncoder, load_clip, text_tokens
-from unclip.models.prior import mean_cosine, resolve_embed_scale
+from unclip.eval.prior_eval import validate
+from unclip.models.captions import CaptionEncoder
+from unclip.models.priors import KINDS, build_model
+from unclip.models.clip import load_clip
+from unclip.models.prior import resolve_embed_scale
 from unclip.registry import register_checkpoint
 from unclip.training.loop import LoopConfig, make_optimizer, train
 from unclip.training.state import EMA, unwrap
 
 log = logging.getLogger("unclip")
-KINDS = ("diffusion", "autoregressive")
-
-
-# ---- caption encodings ---------------------------------------------------------------------
-
-
-class CaptionEncoder:
-    """Per-token caption encodings from the frozen CLIP text tower, optionally cached per caption
-    (captions repeat a lot in small data sets; the tower is the costliest part of a tiny step)."""
-
-    def __init__(self, clip: ClipEncoder, device: torch.device | str = "cpu", cache: bool = True):
-        self.clip = clip
-        self.model = clip.model.to(device).eval().requires_grad_(False)
-        self.device = torch.device(device)
-        self.cache: dict[str, tuple[torch.Tensor, int]] | None = {} if cache else None
-
-    @torch.no_grad()
-    def _compute(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        # float32 even inside the training autocast: a cached caption's states must not depend on
-        # whether a step (autocast) or validation first saw it
-        with torch.autocast(self.device.type, enabled=False):
-            _, states, mask = text_tokens(self.model, to_device(self.clip.tokenize(captions),
-                                                                self.device))
-        return states, mask
-
-    @torch.no_grad()
-    def __call__(self, captions: Iterable[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(token states (B, L, W), mask (B, L)), trimmed to the longest caption in the batch."""
-        captions = [str(c) for c in captions]
-        if self.cache is None:
-            states, mask = self._compute(captions)
-        else:
-            missing = sorted({c for c in captions if c not in self.cache})
-            for i in range(0, len(missing), 512):
-                st, mk = self._compute(missing[i:i + 512])
-                for j, c in enumerate(missing[i:i + 512]):
-                    n = int(mk[j].sum())
-                    self.cache[c] = (st[j, :n].cpu().clone(), n)
-            length = max(self.cache[c][1] for c in captions)
-            states = torch.zeros(len(captions), length, self.clip.text_width)
-            mask = torch.zeros(len(captions), length, dtype=torch.bool)
-            for i, c in enumerate(captions):
-                st, n = self.cache[c]
-                states[i, :n], mask[i, :n] = st, True
-        length = int(mask.sum(1).max())
-        return states[:, :length].to(self.device), mask[:, :length].to(self.device)
-
-
-# ---- models ----------------------------------------------------------------------------------
-
-
-def build_model(kind: str, model_cfg: dict[str, Any], pca_folder: str | None = None,
-                sim_edges: np.ndarray | None = None) -> torch.nn.Module:
-    if kind == "diffusion":
-        from unclip.models.prior import DiffusionPrior
-
-        return DiffusionPrior(model_cfg)
-    if kind == "autoregressive":
-        from unclip.embeddings.pca import PCA
-        from unclip.models.ar_prior import ARPrior
-
-        if pca_folder is None or sim_edges is None:
-            return ARPrior(model_cfg)  # buffers come from a checkpoint
-        return ARPrior.from_pca(model_cfg, PCA.load(pca_folder), sim_edges)
-    raise ValueError(f"prior.kind must be one of {KINDS}, got {kind!r}")
-
-
-def sample(model: torch.nn.Module, kind: str, sampling: dict[str, Any], tokens: torch.Tensor,
-           mask: torch.Tensor, z_t: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    s = dict(sampling)
-    if kind == "autoregressive" and "sim_quantile" in s:
-        s["sim_quantile"] = tuple(s["sim_quantile"])
-    return model.sample(tokens, mask, z_t, generator=generator, **s)
-
-
-def validate(model: torch.nn.Module, kind: str, sampling: dict[str, Any], encoder: CaptionEncoder,
-             holdout: dict[str, Any], seed: int, batch_size: int = 256) -> dict[str, float]:
-    """Mean cosine of sampled vs true z_i on held-out captions, and the two baselines."""
-    device = model_device(model)
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for i in range(0, len(holdout["captions"]), batch_size):
-        tokens, mask = encoder(holdout["captions"][i:i + batch_size])
-        zt = torch.as_tensor(holdout["text"][i:i + batch_size], device=device)
-        out.append(to_host(sample(model, kind, sampling, tokens, mask, zt, g)))
-    z = to_numpy(torch.cat(out))
-    cos = mean_cosine(z, holdout["image"])
-    base_text = mean_cosine(holdout["text"], holdout["image"])
-    base_mean = mean_cosine(holdout["mean_train_image"], holdout["image"])
-    return {"val_cosine": cos, "val_baseline_text": base_text, "val_baseline_mean": base_mean,
-            "val_delta": cos - max(base_text, base_mean)}
 
 
 # ---- the stage -------------------------------------------------------------------------------

@@ -199,7 +199,7 @@ def test_cached_caption_states_have_one_dtype():
     """The prior's caption cache fills under the training autocast (steps) and is read outside it
     (validation): the frozen text tower runs in float32 either way, so a caption's cached states do
     not depend on where it was first seen, and fresh ones equal them."""
-    from stages.prior import CaptionEncoder
+    from unclip.models.captions import CaptionEncoder
     from unclip.models.clip import ClipEncoder, create_custom
 
     torch.manual_seed(0)

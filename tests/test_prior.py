@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from stages.prior import CaptionEncoder, validate
+from unclip.eval.prior_eval import validate
+from unclip.models.captions import CaptionEncoder
 from unclip.data.shapes import COLORS, SHAPES, sample_scene
 from unclip.embeddings.pca import fit as fit_pca
 from unclip.models.ar_prior import ARPrior, similarity_edges

@@ -120,7 +120,7 @@ def _open_clip(source: str, arch: str | None):
 
 def priors(cfg: DictConfig, clip) -> list[Built]:
     """Both prior kinds (the configured one first), with the prior stage's model config."""
-    from stages.prior import KINDS, build_model
+    from unclip.models.priors import KINDS, build_model
     from unclip.diffusion import GaussianDiffusion
     from unclip.models.prior import PriorConfig, resolve_embed_scale
 

@@ -124,6 +124,16 @@ class ClipEncoder:
             "reference": self.identity, "unclip_version": _version()})
 
 
+def to_model_input(images: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> float (B, 3, H, W) normalized with CLIP's (OpenAI's) statistics: what a
+    CLIP trained here sees (already resized batches; :class:`ClipEncoder` preprocesses PIL images)."""
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
+    x = torch.from_numpy(np.array(images, dtype=np.uint8)).permute(0, 3, 1, 2).float().div_(255.0)
+    mean = torch.tensor(OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
+    return (x - mean) / torch.tensor(OPENAI_DATASET_STD).view(1, 3, 1, 1)
+
+
 def _float_dtype(model: torch.nn.Module) -> torch.dtype:
     for p in model.parameters():
         if p.is_floating_point():
