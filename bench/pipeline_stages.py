@@ -37,12 +37,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _ctx(cfg, name: str, root: str, upstream: dict[str, dict[str, str]]):
-    from pipelines.context import StageContext
+    """The context the executor would build (Ray is already up: :func:`common.local_ray`)."""
+    from pipelines.executor import stage_context
+    from pipelines.graph import Graph
     from pipelines.manifest import Manifest
 
     ups = {k: Manifest(stage=k, config_hash="", inputs={}, code_version={}, outputs=v)
            for k, v in upstream.items()}
-    return StageContext(cfg=cfg, name=name, stage_dir=os.path.join(root, name), upstream=ups)
+    return stage_context(Graph()[name], cfg, ups, os.path.join(root, name))
 
 
 def _clock(fn):

@@ -14,7 +14,7 @@ from pipelines.config import to_container
 from pipelines.context import StageContext, StageResult
 from pipelines.graph import Graph
 from pipelines.manifest import Manifest, code_version, manifest_uri, write_manifest
-from pipelines.status import DONE, HASH_VERSION, evaluate_all, stage_config_hash
+from pipelines.status import DONE, HASH_VERSION, evaluate_all, legacy_config_hash, stage_config_hash
 from unclip import storage
 
 log = logging.getLogger(__name__)
@@ -53,9 +53,9 @@ def execute(graph: Graph, cfg: DictConfig, name: str) -> Manifest:
         import mlflow
 
         mlflow.log_params(_flat_params({k: to_container(cfg[k]) for k in spec.config_keys}))
-        ctx = StageContext(cfg=cfg, name=name, stage_dir=stage_dir, upstream=upstream,
-                           mlflow_run_id=run_id)
+        ctx = stage_context(spec, cfg, upstream, stage_dir, run_id)
         result: StageResult = spec.load()(ctx)
+        _check_outputs(spec, result)
         numeric = {k: float(v) for k, v in result.metrics.items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool)}
         if numeric:
@@ -81,6 +81,26 @@ def execute(graph: Graph, cfg: DictConfig, name: str) -> Manifest:
     if result.summary:
         log.info("%s: %s", name, result.summary)
     return manifest
+
+
+def stage_context(spec, cfg: DictConfig, upstream: dict, stage_dir: str,
+                  run_id: str | None = None) -> StageContext:
+    """All a stage gets from the run, in one object (Ray must be up: parallelism asks the cluster)."""
+    return StageContext(cfg=cfg, name=spec.name, stage_dir=stage_dir, upstream=upstream,
+                        mlflow_run_id=run_id, reads=spec.reads,
+                        config_hash=stage_config_hash(spec, cfg),
+                        legacy_hashes=(legacy_config_hash(spec, cfg),),
+                        tracking_uri=tracking.tracking_uri(cfg), parallelism=runtime.parallelism(cfg),
+                        verbose=bool(cfg.pipeline.get("verbose", False)))
+
+
+def _check_outputs(spec, result: StageResult) -> None:
+    """A stage returns exactly the outputs its spec declares (what downstream stages may read)."""
+    if spec.outputs and set(result.outputs) != set(spec.outputs):
+        missing = sorted(set(spec.outputs) - set(result.outputs))
+        extra = sorted(set(result.outputs) - set(spec.outputs))
+        raise StageError(f"stage {spec.name!r} returned outputs {sorted(result.outputs)}; its spec "
+                         f"declares {list(spec.outputs)} (missing {missing}, undeclared {extra})")
 
 
 def _flat_params(d: dict, prefix: str = "") -> dict[str, str]:

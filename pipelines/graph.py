@@ -24,6 +24,10 @@ class StageSpec:
     # caches. They stay out of the config hash and the checkpoint name, so changing one neither
     # re-runs a finished stage nor restarts an interrupted training from step 0.
     operational: tuple[str, ...] = ()
+    # What the stage returns (StageResult.outputs must hold exactly these), and the upstream
+    # outputs it reads as "stage.output": the graph refuses a read no upstream declares.
+    outputs: tuple[str, ...] = ()
+    reads: tuple[str, ...] = ()
 
     def result_config(self, cfg) -> dict:
         """The part of ``cfg`` that defines this stage's result (``config_keys`` less
@@ -57,34 +61,44 @@ _TRAINING = ("train.log_every", "train.checkpoint_every")
 STAGES: tuple[StageSpec, ...] = (
     StageSpec("data", (), ("data",), "stages.data:run",
               "synthetic shapes, an image folder import, or existing shards",
-              fingerprint="stages.data:fingerprint"),
+              fingerprint="stages.data:fingerprint", outputs=("shards",)),
     StageSpec("filter", ("data",), ("filter",), "stages.filter:run",
-              "drop bad samples by reason; RGB-convert the rest"),
+              "drop bad samples by reason; RGB-convert the rest",
+              outputs=("shards", "drop_counts", "dropped"), reads=("data.shards",)),
     StageSpec("clip", ("filter",), ("clip",), "stages.clip:run",
               "a configured CLIP, or one trained here with open_clip (Ray Train)",
-              operational=("train.log_every", "train.cache_decoded_max_mb")),
+              operational=("train.log_every", "train.cache_decoded_max_mb"),
+              outputs=("model", "registered"), reads=("filter.shards",)),
     StageSpec("embed", ("filter", "clip"), ("embed",), "stages.embed:run",
               "CLIP image + text embeddings to Parquet (Ray Data actor pool)",
-              operational=("batch_size", "num_actors")),
+              operational=("batch_size", "num_actors"),
+              outputs=("embeddings",), reads=("filter.shards", "clip.model")),
     StageSpec("pca", ("embed",), ("pca",), "stages.pca:run",
               "out-of-core PCA of the image embeddings + AR-prior bucket edges (Ray Data passes)",
-              operational=("batch_size",)),
+              operational=("batch_size",), outputs=("pca", "registered"), reads=("embed.embeddings",)),
     StageSpec("prior", ("embed", "pca", "clip"), ("prior",), "stages.prior:run",
               "diffusion or autoregressive prior P(z_i | caption) (Ray Train), held-out cosine",
-              operational=(*_TRAINING, "train.eval_every", "cache_text_encodings")),
+              operational=(*_TRAINING, "train.eval_every", "cache_text_encodings"),
+              outputs=("prior", "registered"), reads=("embed.embeddings", "pca.pca", "clip.model")),
     StageSpec("upsample1", ("filter",), ("upsample1",), "stages.upsample:run",
               "x4 diffusion upsampler on Gaussian-blurred inputs (conv-only UNet, Ray Train)",
-              operational=(*_TRAINING, "train.eval_every", "validation.grid_rows")),
+              operational=(*_TRAINING, "train.eval_every", "validation.grid_rows"),
+              outputs=("model", "registered", "samples"), reads=("filter.shards",)),
     StageSpec("upsample2", ("filter",), ("upsample2",), "stages.upsample:run",
               "x4 diffusion upsampler on BSR-degraded inputs (conv-only UNet, Ray Train)",
-              operational=(*_TRAINING, "train.eval_every", "validation.grid_rows")),
+              operational=(*_TRAINING, "train.eval_every", "validation.grid_rows"),
+              outputs=("model", "registered", "samples"), reads=("filter.shards",)),
     StageSpec("decoder", ("filter", "embed", "clip"), ("decoder",), "stages.decoder:run",
               "GLIDE-style diffusion decoder P(x | z_i, caption) (Ray Train), detector-scored decodes",
-              operational=(*_TRAINING, "train.torch_threads", "eval.grid_every", "eval.grid_images")),
+              operational=(*_TRAINING, "train.torch_threads", "eval.grid_every", "eval.grid_images"),
+              outputs=("model", "registered", "grids"),
+              reads=("filter.shards", "embed.embeddings", "clip.model")),
     StageSpec("evaluate", ("filter", "clip", "prior", "decoder", "upsample1", "upsample2"),
               ("evaluate",), "stages.evaluate:run",
               "the whole cascade on held-out captions: CLIP score, FD, grid.png (+ detector on shapes data)",
-              operational=("num_actors",)),
+              operational=("num_actors",), outputs=("samples", "grid", "grid_prompts", "index"),
+              reads=("filter.shards", "clip.model", "prior.prior", "decoder.model", "upsample1.model",
+                     "upsample2.model")),
 )
 
 
@@ -93,11 +107,21 @@ class Graph:
 
     def __init__(self, stages: tuple[StageSpec, ...] = STAGES):
         names: set[str] = set()
+        by_name: dict[str, StageSpec] = {}
         for s in stages:
             missing = [i for i in s.inputs if i not in names]
             if missing:
                 raise ValueError(f"stage {s.name!r} reads {missing} which are not declared before it")
+            for read in s.reads:
+                up, _, output = read.partition(".")
+                if up not in s.inputs:
+                    raise ValueError(f"stage {s.name!r} reads {read}, but {up!r} is not one of its "
+                                     f"inputs {list(s.inputs)}")
+                if output not in by_name[up].outputs:
+                    raise ValueError(f"stage {s.name!r} reads {read}, but {up!r} declares only the "
+                                     f"outputs {list(by_name[up].outputs)}")
             names.add(s.name)
+            by_name[s.name] = s
         self.stages = stages
         self.by_name = {s.name: s for s in stages}
 

@@ -95,7 +95,7 @@ def submit_stage(address: str, cfg: DictConfig, name: str, overrides: Sequence[s
         if os.environ.get(var):
             env[var] = os.environ[var]
     job_id = client.submit_job(
-        entrypoint=f"python -m stages {name} {args}",
+        entrypoint=f"python -m pipelines.job {name} {args}",
         runtime_env={"working_dir": str(ROOT), "env_vars": env,
                      "excludes": [".venv", "runs", ".git", "*.pyc", "__pycache__", ".pytest_cache"]},
         metadata={"unclip.stage": name},

@@ -70,11 +70,6 @@ def quiet_driver_logs(verbose: bool) -> None:
     ray.data.DataContext.get_current().print_on_execution_start = False
 
 
-def train_log_level() -> str:
-    """Ray Train's console level for RunConfig(logging_config=...)."""
-    return "INFO" if os.environ.get(VERBOSE_ENV) == "1" else "WARNING"
-
-
 def ensure_ray(cfg: DictConfig) -> None:
     import ray
 
@@ -110,20 +105,3 @@ def parallelism(cfg: DictConfig) -> int:
     if cfg.ray.parallelism:
         return int(cfg.ray.parallelism)
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
-
-
-def ray_progress(refs: list, desc: str, unit: str = "task") -> list:
-    """Wait for Ray object refs with a progress bar; results come back in submission order."""
-    import ray
-    from tqdm import tqdm
-
-    results: dict = {}
-    pending = list(refs)
-    index = {r: i for i, r in enumerate(refs)}
-    with tqdm(total=len(refs), desc=desc, unit=unit, dynamic_ncols=True) as bar:
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1)
-            for r in done:
-                results[index[r]] = ray.get(r)
-                bar.update(1)
-    return [results[i] for i in range(len(refs))]

@@ -14,8 +14,8 @@ import numpy as np
 import ray
 import torch
 
-from pipelines.config import to_container
-from pipelines.context import StageContext, StageResult
+from stages.contract import to_container
+from stages.contract import StageContext, StageResult
 from stages import training
 from unclip.data.loading import iter_decoded
 from unclip.devices import model_device, to_device

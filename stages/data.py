@@ -11,8 +11,8 @@ import numpy as np
 import ray
 from omegaconf import DictConfig
 
-from pipelines.context import StageContext, StageResult
-from pipelines.runtime import ray_progress
+from stages.contract import StageContext, StageResult
+from stages.progress import ray_progress
 from unclip import storage
 from unclip.data import importer
 from unclip.data.shards import ShardWriter, list_shards, sample_key, shard_name

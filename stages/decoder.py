@@ -25,8 +25,8 @@ import numpy as np
 import ray
 import torch
 
-from pipelines.config import to_container
-from pipelines.context import StageContext, StageResult
+from stages.contract import to_container
+from stages.contract import StageContext, StageResult
 from stages import training
 from unclip import storage
 from unclip.devices import model_device

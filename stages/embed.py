@@ -21,8 +21,7 @@ from typing import Any
 import numpy as np
 import ray
 
-from pipelines import runtime, tracking
-from pipelines.context import StageContext, StageResult
+from stages.contract import StageContext, StageResult
 from unclip import storage
 from unclip.data.loading import iter_decoded
 from unclip.data.shards import list_shards
@@ -83,7 +82,7 @@ def run(ctx: StageContext) -> StageResult:
         metrics: dict[str, Any] = {f"import_{k}": v for k, v in counts.items()}
     else:
         shards = list_shards(ctx.input("filter", "shards"))
-        actors = int(c.num_actors or runtime.parallelism(ctx.cfg))
+        actors = int(c.num_actors or ctx.parallelism)
         gpus = 1 if ray.cluster_resources().get("GPU") else 0
         rows = (ray.data.from_items([{"shard": s} for s in shards], override_num_blocks=len(shards))
                 .map_batches(ShardEmbedder, batch_size=1, concurrency=min(actors, len(shards)),
@@ -92,7 +91,7 @@ def run(ctx: StageContext) -> StageResult:
                                  "model_ref": ctx.input("clip", "model"),
                                  "out": out,
                                  "batch_size": int(c.batch_size),
-                                 "tracking_uri": tracking.tracking_uri(ctx.cfg)})
+                                 "tracking_uri": ctx.tracking_uri})
                 .take_all())
         metrics = {"embedded": int(sum(r["rows"] for r in rows)), "files": len(rows)}
     metrics.update(_filter(out, c))

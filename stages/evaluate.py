@@ -17,7 +17,7 @@ from typing import Any
 
 from PIL import Image
 
-from pipelines.context import StageContext, StageResult
+from stages.contract import StageContext, StageResult
 from unclip import storage
 from unclip.data.shards import list_shards
 from unclip.eval.heldout import HeldOut, held_out_set
@@ -26,14 +26,6 @@ from unclip.eval.reference_free import frechet_distance, reference_free_metrics 
 __all__ = ["frechet_distance", "run"]  # frechet_distance: importable from here as before
 
 log = logging.getLogger("unclip")
-
-
-def _model_folder(ctx: StageContext, stage: str) -> str:
-    outputs = ctx.upstream[stage].outputs
-    for key in (stage, "model", "prior", "decoder", "upsampler"):
-        if key in outputs:
-            return outputs[key]
-    raise KeyError(f"evaluate: stage {stage!r} has no model output ({sorted(outputs)})")
 
 
 def read_held_out(ctx: StageContext) -> HeldOut:
@@ -72,17 +64,15 @@ def grid_prompts(c: Any, held: HeldOut) -> list[str]:
 def run(ctx: StageContext) -> StageResult:
     import mlflow
 
-    from pipelines import tracking
     from unclip.generation.batch import generate_batch
     from unclip.generation.cascade import Settings, UnCLIP
     from unclip.generation.images import grid
     from unclip.generation.models import ModelRefs
 
     c = ctx.stage_cfg
-    refs = ModelRefs(clip=_model_folder(ctx, "clip"), prior=_model_folder(ctx, "prior"),
-                     decoder=_model_folder(ctx, "decoder"),
-                     upsampler1=_model_folder(ctx, "upsample1"),
-                     upsampler2=_model_folder(ctx, "upsample2"))
+    refs = ModelRefs(clip=ctx.input("clip", "model"), prior=ctx.input("prior", "prior"),
+                     decoder=ctx.input("decoder", "model"), upsampler1=ctx.input("upsample1", "model"),
+                     upsampler2=ctx.input("upsample2", "model"))
     opt = lambda v, cast: None if v is None else cast(v)  # noqa: E731  (null: as trained)
     settings = Settings(prior_guidance=opt(c.prior_guidance, float), decoder_guidance=opt(c.decoder_guidance, float),
                         prior_steps=opt(c.prior_steps, int), decoder_steps=opt(c.decoder_steps, int),
@@ -91,7 +81,7 @@ def run(ctx: StageContext) -> StageResult:
     held = read_held_out(ctx)
     captions = held.captions
     prompts = grid_prompts(c, held)  # a bad grid setting fails here, before any generation
-    uri = tracking.tracking_uri(ctx.cfg)
+    uri = ctx.tracking_uri
     table = generate_batch(captions, [int(c.seed)], refs, ctx.path("samples"), settings,
                            int(c.num_actors), uri, "final" if c.score_upsampled else "base")
     images = [Image.open(io.BytesIO(storage.read_bytes(p))).convert("RGB") for p in table.column("path").to_pylist()]

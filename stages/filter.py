@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import ray
 from PIL import Image
 
-from pipelines.context import StageContext, StageResult
+from stages.contract import StageContext, StageResult
 from unclip import storage
 from unclip.data.filtering import (REASONS, FilterConfig, Verdict, check, clean_caption, encode_rgb,
                                    mark_duplicates)

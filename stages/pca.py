@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
-from pipelines.context import StageContext, StageResult
+from stages.contract import StageContext, StageResult
 from unclip import storage
 from unclip.embeddings import io as eio
 from unclip.embeddings.pca import (PCA, HistogramAccumulator, Moments, RangeAccumulator,

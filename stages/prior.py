@@ -20,8 +20,8 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from pipelines.config import to_container
-from pipelines.context import StageContext, StageResult
+from stages.contract import to_container
+from stages.contract import StageContext, StageResult
 from stages import training
 from stages.prior_data import read_holdout, read_split, split_dataset, train_statistics
 from unclip.embeddings import io as eio

@@ -17,10 +17,7 @@ from typing import Any, Callable
 
 import torch
 
-from pipelines import runtime, tracking
-from pipelines.context import StageContext
-from pipelines.status import legacy_config_hash, stage_config_hash
-from pipelines.graph import Graph
+from stages.contract import StageContext
 from unclip import storage
 from unclip.training.state import STATE_META, STATE_WEIGHTS, EMA, load_state, save_state, unwrap
 
@@ -38,7 +35,7 @@ def fit(ctx: StageContext, train_loop: Callable[[dict], None], loop_config: dict
     name = checkpoint_name(ctx)
     board = ProgressBoard.start() if show_progress_bar() else None
     config = {**loop_config,
-              "mlflow": {"tracking_uri": tracking.tracking_uri(ctx.cfg), "run_id": ctx.mlflow_run_id},
+              "mlflow": {"tracking_uri": ctx.tracking_uri, "run_id": ctx.mlflow_run_id},
               "fault": fault_injection(), "progress_board": board,
               "checkpoint_dir": storage.join(checkpoint_root(ctx), name),
               "collective_timeout_s": collective_timeout(ctx)}
@@ -47,15 +44,29 @@ def fit(ctx: StageContext, train_loop: Callable[[dict], None], loop_config: dict
         train_loop_config=config,
         torch_config=TorchConfig(timeout_s=int(config["collective_timeout_s"])),
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
-                                     resources_per_worker=None if use_gpu else {"CPU": 1}),
+                                     resources_per_worker=None if use_gpu else
+                                     {"CPU": cpus_per_worker(num_workers, bool(datasets))}),
         run_config=RunConfig(name=name, storage_path=checkpoint_root(ctx),
                              failure_config=FailureConfig(max_failures=max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
-                             logging_config=LoggingConfig(runtime.train_log_level())),
+                             logging_config=LoggingConfig("INFO" if ctx.verbose else "WARNING")),
         datasets=datasets or {},
     )
     with _progress_bar(board, ctx.name):
         return trainer.fit()
+
+
+def cpus_per_worker(num_workers: int, streams_data: bool) -> float:
+    """Ray CPUs each CPU worker reserves: one, unless the workers would then hold every CPU of the
+    cluster while their Ray Data input still has read and map tasks to run (Ray Data plans with
+    what training leaves; with nothing left the stage stalls before its first step). Then they share
+    all but one CPU. Only scheduling changes: a worker's torch threads follow :func:`worker_threads`."""
+    import ray
+
+    total = float(ray.cluster_resources().get("CPU", 0.0))
+    if not streams_data or total - num_workers >= 1.0:
+        return 1.0
+    return max(0.1, (total - 1.0) / num_workers)
 
 
 def show_progress_bar() -> bool:
@@ -144,12 +155,14 @@ def checkpoint_name(ctx: StageContext) -> str:
     """``<stage>-<hash of the keys that define the result>``: an operational change (log or
     checkpoint cadence, threads) resumes the same training. A training interrupted before that
     rule (named by the whole subtree's hash) is resumed under its old name."""
-    spec = Graph()[ctx.name]
-    name = f"{ctx.name}-{stage_config_hash(spec, ctx.cfg)}"
-    legacy = f"{ctx.name}-{legacy_config_hash(spec, ctx.cfg)}"
+    if not ctx.config_hash:
+        raise ValueError(f"stage {ctx.name!r}: the executor passed no config hash to name its checkpoints")
+    name = f"{ctx.name}-{ctx.config_hash}"
     root = checkpoint_root(ctx)
-    if not storage.exists(storage.join(root, name)) and storage.exists(storage.join(root, legacy)):
-        return legacy
+    if not storage.exists(storage.join(root, name)):
+        for old in ctx.legacy_hashes:
+            if storage.exists(storage.join(root, f"{ctx.name}-{old}")):
+                return f"{ctx.name}-{old}"
     return name
 
 

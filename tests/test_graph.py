@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pathlib
+
 import pytest
 from omegaconf import OmegaConf
 
@@ -9,6 +11,7 @@ from pipelines.graph import Graph, StageSpec
 from pipelines.manifest import Manifest, code_version, write_manifest
 from pipelines.status import DONE, MISSING, STALE, evaluate_all, stage_config_hash
 
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 TOY = (
     StageSpec("a", (), ("a",), "x:y"),
     StageSpec("b", ("a",), ("b",), "x:y"),
@@ -150,3 +153,59 @@ def test_every_declared_operational_key_exists():
                 assert isinstance(node, dict) and (part in node or f"{spec.name}.{dotted}" in EXTRA), \
                     (spec.name, dotted)
                 node = node.get(part) if part in node else None
+
+
+# ---- the stage contract --------------------------------------------------------------------------
+
+
+def test_reads_must_name_declared_outputs_of_inputs():
+    a = StageSpec("a", (), ("a",), "x:y", outputs=("shards",))
+    assert Graph((a, StageSpec("b", ("a",), ("b",), "x:y", reads=("a.shards",))))
+    with pytest.raises(ValueError, match=r"reads a.model, but 'a' declares only the outputs \['shards'\]"):
+        Graph((a, StageSpec("b", ("a",), ("b",), "x:y", reads=("a.model",))))
+    with pytest.raises(ValueError, match="'c' is not one of its inputs"):
+        Graph((a, StageSpec("c", (), ("c",), "x:y"), StageSpec("b", ("a",), ("b",), "x:y", reads=("c.x",))))
+
+
+def test_every_stage_declares_its_outputs_and_what_it_reads():
+    """The real graph builds (every read is a declared output of an input) and every stage module
+    reads only what its spec declares: each ``ctx.input(stage, output)`` in its source is listed."""
+    import re
+
+    g = Graph()
+    for spec in g.stages:
+        assert spec.outputs, spec.name
+        source = (ROOT / (spec.entry.split(":")[0].replace(".", "/") + ".py")).read_text()
+        used = {f"{s}.{o}" for s, o in re.findall(r"ctx\.input\(\"(\w+)\", \"(\w+)\"\)", source)}
+        assert used <= set(spec.reads), (spec.name, used - set(spec.reads))
+
+
+def test_context_refuses_an_undeclared_read():
+    from stages.contract import StageContext
+
+    up = Manifest(stage="a", config_hash="h", inputs={}, code_version="v", outputs={"shards": "s3://x"})
+    ctx = StageContext(OmegaConf.create({}), "b", "/tmp/b", {"a": up}, reads=("a.shards",))
+    assert ctx.input("a", "shards") == "s3://x"
+    with pytest.raises(KeyError, match="does not declare"):
+        ctx.input("a", "model")
+
+
+def test_a_stage_returning_other_outputs_than_declared_fails_naming_them():
+    from pipelines.executor import StageError, _check_outputs
+    from stages.contract import StageResult
+
+    spec = StageSpec("a", (), ("a",), "x:y", outputs=("model", "registered"))
+    _check_outputs(spec, StageResult({"model": "m", "registered": "r"}))
+    with pytest.raises(StageError, match=r"missing \['registered'\], undeclared \['extra'\]"):
+        _check_outputs(spec, StageResult({"model": "m", "extra": "e"}))
+
+
+def test_stages_never_import_the_orchestrator():
+    """pipelines -> stages -> unclip: no module under stages/ imports pipelines, none under unclip/
+    imports stages or pipelines (checked on the source, imports inside functions included)."""
+    import re
+
+    for folder, banned in (("stages", ("pipelines",)), ("unclip", ("pipelines", "stages"))):
+        for path in (ROOT / folder).rglob("*.py"):
+            for mod in re.findall(r"^\s*(?:from|import)\s+([\w.]+)", path.read_text(), re.M):
+                assert mod.split(".")[0] not in banned, f"{path} imports {mod}"

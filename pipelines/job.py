@@ -1,4 +1,4 @@
-"""Ray job entry point: ``python -m stages NAME [overrides...]`` executes one stage."""
+"""Ray job entry point: ``python -m pipelines.job NAME [overrides...]`` executes one stage."""
 
 import logging
 import sys
@@ -18,4 +18,5 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-raise SystemExit(main(sys.argv[1:]))
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
