@@ -56,6 +56,12 @@ def summary_rows(name: str, result: dict[str, Any]) -> list[dict[str, Any]]:
         elif name == "dalle2":
             out.append((f"{r['what']}: {r['ours']} vs {r['theirs']}", r["speedup"],
                         "x (their s / our s)", f"ours {r['our_s']:.3g} s, theirs {r['their_s']:.3g} s"))
+    if name == "sampling":
+        for r in result.get("ar_prior", {}).get("rows", []):
+            out.append((f"AR prior {r['model']} sampling, {r['tokens']} tokens, guidance {r['guidance']:g}: "
+                        f"cache vs none", r["speedup"], "x (uncached s / cached s)",
+                        f"cached {r['cached_s']:.3g} s, uncached {r['uncached_s']:.3g} s"
+                        + ("" if r["same_samples"] else ", samples DIFFER")))
     for res in result.get("results", []):  # text_tokens
         for r in res["rows"]:
             out.append((f"{res['config']} {r['option']}", r["ms_per_sample"], "ms/sample", ""))

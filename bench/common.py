@@ -129,9 +129,13 @@ def local_ray(num_cpus: int) -> Iterator[None]:
         ray.shutdown()
 
 
+def results_path(name: str) -> Path:
+    """Where ``write_result`` puts benchmark ``name``'s JSON by default."""
+    return Path(os.environ.get(RESULTS_ENV) or RESULTS_DIR) / f"{name}.json"
+
+
 def write_result(name: str, data: dict[str, Any], out: str | Path | None = None) -> Path:
-    folder = Path(os.environ.get(RESULTS_ENV) or RESULTS_DIR)
-    path = Path(out) if out else folder / f"{name}.json"
+    path = Path(out) if out else results_path(name)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2, default=_jsonable) + "\n")
     return path

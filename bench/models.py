@@ -37,6 +37,7 @@ class Sizes:
     up_scale: int
     up_sides: tuple[int, ...]      # output sides of the upsamplers (tiny: 128, 512)
     up_batch: int
+    ar_prior: dict[str, Any]       # the AR prior's model options, num_buckets from the pca stage
 
 
 def tiny_sizes() -> Sizes:
@@ -46,6 +47,7 @@ def tiny_sizes() -> Sizes:
     cfg = load_config(["preset=tiny"])
     clip = to_container(cfg.clip.model)
     prior = to_container(cfg.prior.diffusion)
+    ar = {**to_container(cfg.prior.autoregressive.model), "num_buckets": int(cfg.pca.num_buckets)}
     dec = to_container(cfg.decoder)
     res = int(dec["resolution"])
     return Sizes(clip_dim=int(clip["embed_dim"]), text_width=int(clip["text_cfg"]["width"]),
@@ -55,7 +57,7 @@ def tiny_sizes() -> Sizes:
                  decoder={**dec["model"], "resolution": res, "use_caption": bool(dec["use_caption"])},
                  decoder_batch=int(dec["train"]["batch_size"]), decoder_diffusion=dec["diffusion"],
                  decoder_sampling=dec["sampling"], prior_sampling=prior["sampling"],
-                 up_scale=4, up_sides=(res * 4, res * 16), up_batch=8)
+                 up_scale=4, up_sides=(res * 4, res * 16), up_batch=8, ar_prior=ar)
 
 
 # ---- models ----------------------------------------------------------------------------------
@@ -70,6 +72,41 @@ def make_prior(s: Sizes, width: int | None = None, heads: int | None = None) -> 
                            "heads": int(heads or m["heads"]), "dropout": float(m.get("dropout", 0.0)),
                            "cond_drop_prob": float(m.get("cond_drop_prob", 0.1)),
                            "embed_scale": s.clip_dim ** 0.5, "diffusion": dict(m["process"])})
+
+
+def ar_prior_sizes(s: Sizes, mid_tokens: int = 319) -> dict[str, dict[str, Any]]:
+    """AR prior configs by name: ``tiny`` (the tiny preset's model and PCA buckets, its CLIP's
+    sizes) and ``mid`` (the prior stage's default model, configs/prior/default.yaml, over
+    ``mid_tokens`` components of a 1024-d CLIP with 1024 buckets: the paper's 319 x 1024)."""
+    from pathlib import Path
+
+    import yaml
+
+    default = Path(__file__).resolve().parents[1] / "configs" / "prior" / "default.yaml"
+    mid = yaml.safe_load(default.read_text())["autoregressive"]["model"]
+    return {"tiny": {**s.ar_prior, "dim": s.clip_dim, "text_width": s.text_width,
+                     "max_text_len": s.context},
+            "mid": {**mid, "n_components": int(mid_tokens), "num_buckets": 1024, "dim": 1024,
+                    "text_width": 1024, "max_text_len": 77}}
+
+
+def make_ar_prior(cfg: dict[str, Any], seed: int = 0) -> torch.nn.Module:
+    """An AR prior of ``cfg`` (random weights) whose quantizer is a PCA fitted to random vectors
+    with a decaying spectrum, so different codes decode to different embeddings."""
+    import numpy as np
+
+    from unclip.embeddings.pca import fit as fit_pca
+    from unclip.models.ar_prior import ARPrior, similarity_edges
+
+    rng = np.random.default_rng(seed)
+    dim, buckets = int(cfg["dim"]), int(cfg["num_buckets"])
+    rows = max(4 * buckets, 2 * dim)
+    zi = rng.normal(size=(rows, dim)) * np.geomspace(1.0, 0.05, dim)
+    zt = rng.normal(size=(rows, dim))
+    sims = np.sum(zi * zt, 1) / np.linalg.norm(zi, axis=1) / np.linalg.norm(zt, axis=1)
+    torch.manual_seed(seed)
+    pca = fit_pca(zi, n_components=int(cfg["n_components"]), num_buckets=buckets)
+    return ARPrior.from_pca(cfg, pca, similarity_edges(sims, int(cfg.get("sim_buckets", 16))))
 
 
 def make_decoder(s: Sizes) -> torch.nn.Module:

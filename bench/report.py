@@ -1,7 +1,9 @@
 """Markdown tables of the JSON files in bench/results (what bench/README.md quotes), so the README
 is pasted from measurements, never typed.
 
-    .venv/bin/python -m bench.report [training sampling pipeline_stages scaling dalle2 clip_stage]
+    .venv/bin/python -m bench.report [training sampling sampling:ar_prior pipeline_stages ...]
+
+``name:section`` prints the ``rows`` of that section of ``name``'s JSON.
 """
 
 from __future__ import annotations
@@ -29,6 +31,12 @@ COLUMNS = {
                  ("fraction_of_peak", "of matmul peak")],
     "sampling": [("stage", "stage"), ("setting", "setting"), ("sampler", "sampler"),
                  ("steps", "steps"), ("latency_s", "CPU s"), ("how", "how")],
+    "sampling:ar_prior": [("model", "model"), ("size", "layers x width"), ("params", "params"),
+                          ("tokens", "tokens"), ("buckets", "buckets"), ("guidance", "guidance"),
+                          ("batch_rows", "rows per forward"), ("uncached_s", "uncached CPU s"),
+                          ("cached_s", "cached CPU s"), ("speedup", "speed-up"),
+                          ("cached_ms_per_token", "cached ms / token"),
+                          ("same_samples", "same samples")],
     "pipeline_stages": [("stage", "stage"), ("workers", "workers"), ("items", "items"),
                         ("seconds", "wall s"), ("per_s", "per s"), ("unit", "unit"),
                         ("peak_rss_mb", "peak RSS MB"), ("rss_growth_mb", "RSS growth MB"),
@@ -48,11 +56,17 @@ def main(argv: list[str] | None = None) -> int:
     names = (argv if argv is not None else sys.argv[1:]) or list(COLUMNS)
     folder = Path(os.environ.get(RESULTS_ENV) or RESULTS_DIR)
     for name in names:
-        path = folder / f"{name}.json"
+        file, _, section = name.partition(":")
+        path = folder / f"{file}.json"
         if not path.exists():
             print(f"<!-- {name}: no {path} -->\n")
             continue
         data = json.loads(path.read_text())
+        if section:
+            if section not in data:
+                print(f"<!-- {name}: no {section!r} in {path} -->\n")
+                continue
+            data = data[section]
         m = data.get("machine", {})
         print(f"<!-- {name}: {m.get('cpu_count')} CPUs, torch {m.get('torch_threads')} thread(s), "
               f"load {fmt(m.get('load_average_1min'))} -->")

@@ -10,13 +10,22 @@ A stage's latency is measured end to end (``DiffusionPrior.sample``, ``decode``,
 for the sampler/step setting, beside the configured one (prior ddpm 64, decoder ddim 25 with
 guidance 3, upsamplers ddim 27).
 
-    .venv/bin/python -m bench.sampling [--quick] [--threads 1]
+A second section times the autoregressive prior's sampling with its key/value cache against the
+uncached path (a full forward per code), same generator, at the tiny preset's size and at a mid
+size (the prior stage's default model, 6 x 256, over the paper's 319 components x 1024 buckets;
+``--quick``: 64 components), unguided and guided (both branches in one batch), and reports the
+speed-up and whether the two gave the same samples. ``--section ar_prior`` re-measures only that
+section and keeps the other from the existing JSON.
+
+    .venv/bin/python -m bench.sampling [--quick] [--threads 1] [--section stages|ar_prior]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -26,6 +35,9 @@ from bench import models as M
 
 
 ESTIMATE_ABOVE_S = 0.25  # network calls slower than this: latency = steps x call (not looped)
+SECTIONS = ("stages", "ar_prior")
+AR_MID_TOKENS_QUICK = 64  # --quick: the mid AR prior over this many components, not 319
+AR_GUIDANCE = (1.0, 3.0)
 
 
 def grid(quick: bool) -> list[tuple[str, int]]:
@@ -82,6 +94,43 @@ def stage_fns(s: M.Sizes, g: torch.Generator, device: str = "cpu") -> dict[str, 
     return fns
 
 
+def ar_prior_rows(s: M.Sizes, quick: bool, threads: int, device: str) -> list[dict[str, Any]]:
+    """Cached vs uncached AR prior sampling of one caption, one candidate (the configured
+    ``num_candidates``): CPU (or wall, on a GPU) seconds, their ratio and whether the two gave
+    the same samples (same generator)."""
+    k = 1
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    sizes = M.ar_prior_sizes(s, AR_MID_TOKENS_QUICK if quick else 319)
+    for name, cfg in sizes.items():
+        model = M.make_ar_prior(cfg).eval().to(device)
+        tokens = torch.randn(1, s.caption_tokens, cfg["text_width"], generator=g).to(device)
+        mask = torch.ones(1, s.caption_tokens, dtype=torch.bool, device=device)
+        zt = M.unit(torch.randn(1, cfg["dim"], generator=g)).to(device)
+        slow = name == "mid" and not quick  # ~10 CPU s per uncached sample: time it once
+        for gs in AR_GUIDANCE:
+            out: dict[bool, torch.Tensor] = {}
+
+            def draw(use_cache: bool) -> None:
+                out[use_cache] = model.sample(tokens, mask, zt, guidance_scale=gs, num_candidates=k,
+                                              generator=torch.Generator().manual_seed(1),
+                                              use_cache=use_cache)
+
+            reps = 1 if quick else 3
+            cached = common.seconds(common.timed(lambda: draw(True), reps), threads, device)
+            full = common.seconds(common.timed(lambda: draw(False), 1 if slow else reps,
+                                               warmup=0 if slow else 1), threads, device)
+            n = int(cfg["n_components"])
+            rows.append({"model": name, "params": M.params(model),
+                         "size": f"{cfg['layers']} x {cfg['width']}", "tokens": n,
+                         "buckets": int(cfg["num_buckets"]), "prefix": int(tokens.shape[1]) + 2,
+                         "guidance": gs, "batch_rows": k * (2 if gs != 1.0 else 1),
+                         "uncached_s": full, "cached_s": cached, "speedup": full / cached,
+                         "cached_ms_per_token": 1e3 * cached / n,
+                         "same_samples": bool(torch.equal(out[True], out[False]))})
+    return rows
+
+
 def configured(s: M.Sizes) -> dict[str, tuple[str, int]]:
     from unclip.models.upsampler import DEFAULTS
 
@@ -94,11 +143,36 @@ def configured(s: M.Sizes) -> dict[str, tuple[str, int]]:
 
 
 def run(quick: bool = False, threads: int = 1, out: str | None = None,
-        device: str | None = None) -> dict[str, Any]:
+        device: str | None = None, sections: tuple[str, ...] = SECTIONS) -> dict[str, Any]:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    unknown = set(sections) - set(SECTIONS)
+    if unknown:
+        raise ValueError(f"unknown section(s) {sorted(unknown)}; known: {list(SECTIONS)}")
     common.set_threads(threads)
     torch.manual_seed(0)
     s = M.tiny_sizes()
+    if "stages" in sections:
+        result = {"name": "sampling", "machine": common.machine(threads), "device": device,
+                  **stage_latencies(s, quick, threads, device)}
+    else:  # keep the stage table (and the machine it was measured on) from the last run
+        path = Path(out) if out else common.results_path("sampling")
+        result = json.loads(path.read_text()) if path.exists() else {"name": "sampling"}
+    if "ar_prior" in sections:
+        rows = ar_prior_rows(s, quick, threads, device)
+        common.print_table(rows, ["model", "size", "tokens", "buckets", "guidance", "batch_rows",
+                                  "uncached_s", "cached_s", "speedup", "cached_ms_per_token",
+                                  "same_samples"],
+                           f"AR prior sampling, one caption: key/value cache vs a full forward per "
+                           f"code ({device}, torch {threads} thread(s); "
+                           f"{'CPU' if device == 'cpu' else 'wall'} seconds)")
+        result["ar_prior"] = {"machine": common.machine(threads), "quick": quick, "rows": rows}
+    path = common.write_result("sampling", result, out)
+    print(f"wrote {path}")
+    return result
+
+
+def stage_latencies(s: M.Sizes, quick: bool, threads: int, device: str) -> dict[str, Any]:
+    """The per-stage and cascade latency table (the ``rows`` of the JSON)."""
     g = torch.Generator().manual_seed(0)
     fns = stage_fns(s, g, device)
     conf = configured(s)
@@ -126,20 +200,17 @@ def run(quick: bool = False, threads: int = 1, out: str | None = None,
     common.print_table(rows, ["stage", "setting", "sampler", "steps", "latency_s", "per_step_s", "how"],
                        f"sampling latency, one caption, tiny preset sizes ({device}, torch {threads} "
                        f"thread(s); {'CPU' if device == 'cpu' else 'wall'} seconds)")
-    result = {"name": "sampling", "machine": common.machine(threads), "device": device,
-              "network_call_s": call_s,
-              "configured": conf, "rows": rows}
-    path = common.write_result("sampling", result, out)
-    print(f"wrote {path}")
-    return result
+    return {"network_call_s": call_s, "configured": conf, "rows": rows}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     common.add_common_args(p)
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when there is one)")
+    p.add_argument("--section", action="append", choices=SECTIONS,
+                   help="measure only this section (repeatable; default: all)")
     a = p.parse_args(argv)
-    run(a.quick, a.threads, a.out, a.device)
+    run(a.quick, a.threads, a.out, a.device, tuple(a.section or SECTIONS))
     return 0
 
 

@@ -41,6 +41,14 @@ def test_quick_sampling_bench_writes_json(tmp_path: Path) -> None:
         part = [r["latency_s"] for r in result["rows"] if r["setting"] == setting and r["stage"] != "cascade"]
         cascade = next(r for r in result["rows"] if r["setting"] == setting and r["stage"] == "cascade")
         assert cascade["latency_s"] == pytest.approx(sum(part))
+    # the AR prior section: cached vs uncached sampling at both sizes, same samples either way
+    ar = result["ar_prior"]["rows"]
+    assert {(r["model"], r["guidance"]) for r in ar} == {(m, g) for m in ("tiny", "mid") for g in (1.0, 3.0)}
+    for r in ar:
+        assert r["cached_s"] > 0 and r["uncached_s"] > 0 and r["tokens"] > 0
+        assert r["speedup"] == pytest.approx(r["uncached_s"] / r["cached_s"])
+        assert r["same_samples"] is True
+    assert any(r["item"].startswith("AR prior mid") for r in summary["rows"])
 
 
 def test_unknown_benchmark_is_refused() -> None:
@@ -48,3 +56,30 @@ def test_unknown_benchmark_is_refused() -> None:
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "nope" in proc.stderr
+
+
+def test_sampling_ar_section_alone_keeps_the_stage_table(tmp_path: Path, monkeypatch) -> None:
+    """``--section ar_prior`` re-measures only the AR prior section: the stage table and the
+    machine it was measured on stay as the last run wrote them (the measurement is stubbed here;
+    the quick run above measures it)."""
+    from bench import report, sampling
+
+    out = tmp_path / "sampling.json"
+    old = {"name": "sampling", "machine": {"cpu_count": 7}, "rows": [{"stage": "prior"}],
+           "ar_prior": {"rows": [{"model": "stale"}]}}
+    out.write_text(json.dumps(old))
+    row = {"model": "tiny", "tokens": 16, "guidance": 1.0, "uncached_s": 2.0, "cached_s": 1.0,
+           "speedup": 2.0, "same_samples": True}
+    monkeypatch.setattr(sampling, "ar_prior_rows", lambda *a: [row])
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        sampling.main(["--section", "ar_prior", "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)  # the bench fixes 1 thread for the process
+    new = json.loads(out.read_text())
+    assert new["rows"] == old["rows"] and new["machine"] == old["machine"]
+    assert new["ar_prior"]["rows"] == [row]
+    monkeypatch.setenv("UNCLIP_BENCH_RESULTS", str(tmp_path))
+    assert report.main(["sampling:ar_prior"]) == 0

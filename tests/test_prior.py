@@ -498,3 +498,86 @@ def test_ar_prior_guidance_and_similarity_token(synth):
     assert (tok[s_train > med + 1e-6] >= 4).all() and (tok[s_train < med - 1e-6] < 4).all()
     counts = np.bincount(tok, minlength=8)
     assert counts.min() > 0.8 * len(tok) / 8, counts
+
+
+def _peaky_ar_prior(synth) -> ARPrior:
+    """An untrained AR prior whose next-code distributions are far from uniform and whose null
+    branch differs from the conditional one, so a wrong key, value or mask changes the draws."""
+    m = _ar_prior(synth, n_components=12).eval()
+    with torch.no_grad():
+        m.head.weight.mul_(8.0)
+        m.null_zt.add_(1.0)
+    return m
+
+
+@torch.no_grad()
+def test_ar_prior_cached_logits_match_a_full_forward(synth):
+    """Teacher-forced through the key/value cache (prefill, then one code at a time, then several
+    at once), every step's logits are the full forward's at that position to 1e-5, for captions of
+    different lengths in one batch and with dropped (null) rows among them."""
+    m = _peaky_ar_prior(synth)
+    caps = _captions_of_different_lengths(synth, 3) * 2
+    tokens, mask = synth["encoder"](caps)
+    idx = [synth["captions"].index(c) for c in caps]
+    zt, zi = torch.from_numpy(synth["zt"][idx]), torch.from_numpy(synth["zi"][idx])
+    codes, sim = m.encode(zi), m.sim_token(zi, zt)
+    drop = torch.tensor([False, False, False, True, True, True])
+    full = m(codes[:, :-1], tokens, mask, zt, sim, drop)  # (6, 12, V): logits of codes 1..12
+    first, state = m.prefill(tokens, mask, zt, sim, drop)
+    steps = [first]
+    for j in range(6):
+        steps.append(m.extend(state, codes[:, j:j + 1])[:, -1])
+    assert state.codes == 6 and state.cache.length == tokens.shape[1] + 2 + 6
+    rest = m.extend(state, codes[:, 6:11])  # five codes in one call
+    torch.testing.assert_close(torch.cat([torch.stack(steps, 1), rest], 1), full, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="at most n_components - 1"):
+        m.extend(state, codes[:, 11:12])  # the last code predicts nothing
+
+
+@torch.no_grad()
+def test_ar_prior_cached_sampling_gives_the_uncached_samples(synth):
+    """With the same generator the cached sampler returns exactly the codes and embeddings of the
+    uncached one (a full forward per code): unguided and guided (> 1), several candidates,
+    temperature, captions of different lengths in one batch, and the same captions padded."""
+    m = _peaky_ar_prior(synth)
+    caps = _captions_of_different_lengths(synth, 3)
+    tokens, mask = synth["encoder"](caps)
+    zt = torch.from_numpy(synth["zt"][[synth["captions"].index(c) for c in caps]])
+    seen = []
+    for scale, temp, k in ((1.0, 1.0, 1), (3.0, 1.0, 1), (3.0, 0.7, 3), (1.5, 1.3, 2)):
+        for tt, tm in ((tokens, mask), _padded(tokens, mask)):
+            kw = dict(guidance_scale=scale, temperature=temp)
+            rep = [v.repeat_interleave(k, 0) for v in (tt, tm, zt)]
+            cached = m.sample_codes(*rep, generator=torch.Generator().manual_seed(7), **kw)
+            full = m.sample_codes(*rep, generator=torch.Generator().manual_seed(7), use_cache=False, **kw)
+            assert cached.shape == (3 * k, 12) and torch.equal(cached, full), (scale, temp, k)
+            seen.append(cached)
+            z = m.sample(tt, tm, zt, num_candidates=k, generator=torch.Generator().manual_seed(7), **kw)
+            z_full = m.sample(tt, tm, zt, num_candidates=k, use_cache=False,
+                              generator=torch.Generator().manual_seed(7), **kw)
+            assert z.shape == (3, DIM) and torch.equal(z, z_full)
+    # the draws are not trivially equal: guidance and temperature change them
+    assert not torch.equal(seen[0], seen[2])
+    assert len({tuple(c[:, :3].flatten().tolist()) for c in seen[:2]}) == 1  # padding changes nothing
+
+
+@torch.no_grad()
+def test_ar_prior_cache_follows_autocast_and_restores_training_mode(synth):
+    """Under bfloat16 autocast the cache holds bfloat16 keys and values and its logits are the
+    autocast full forward's (to bfloat16 rounding); sampling leaves a training model training."""
+    m = _peaky_ar_prior(synth)
+    tokens, mask = synth["encoder"](synth["captions"][:2])
+    zt, zi = torch.from_numpy(synth["zt"][:2]), torch.from_numpy(synth["zi"][:2])
+    codes, sim = m.encode(zi), m.sim_token(zi, zt)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        full = m(codes[:, :3], tokens, mask, zt, sim)
+        first, state = m.prefill(tokens, mask, zt, sim)
+        rest = m.extend(state, codes[:, :3])
+        z = m.sample(tokens, mask, zt, guidance_scale=2.0, generator=torch.Generator().manual_seed(0))
+    assert state.cache.keys[0].dtype == torch.bfloat16 and len(state.cache.keys) == m.cfg.layers
+    torch.testing.assert_close(torch.cat([first[:, None], rest], 1).float(), full.float(),
+                               atol=0.1, rtol=0.05)
+    assert z.shape == (2, DIM) and torch.isfinite(z).all()
+    m.train()
+    m.sample(tokens, mask, zt, generator=torch.Generator().manual_seed(0))
+    assert m.training

@@ -14,6 +14,11 @@ unconditional branch does not depend on the batch's padded caption length. AR pr
 before this change had a different null branch (``null_text[:n]``, all n padded positions valid);
 the state dict is unchanged (rows of ``null_text`` after the first are unused).
 
+Sampling decodes incrementally with a key/value cache (:meth:`ARPrior.prefill`, then
+:meth:`ARPrior.extend` once per code): the prefix is run once and each code costs one position, not
+a forward over every position so far (319 codes in the paper). ``sample(use_cache=False)`` keeps the
+full recomputation as the reference; both give the same samples.
+
 The PCA mean, directions and bucket edges, and the similarity bucket edges, are buffers of the
 model: a checkpoint decodes its own samples with nothing else at hand.
 """
@@ -21,7 +26,7 @@ model: a checkpoint decodes its own samples with nothing else at hand.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
@@ -30,7 +35,7 @@ from torch import nn
 
 from unclip import checkpoint
 from unclip.embeddings.pca import PCA
-from unclip.models.transformer import CausalTransformer, check_text, null_caption
+from unclip.models.transformer import CausalTransformer, KVCache, check_text, null_caption
 
 KIND = "ar_prior"
 
@@ -67,6 +72,27 @@ def similarity_edges(sims: np.ndarray, buckets: int) -> np.ndarray:
     if sims.size < buckets:
         raise ValueError(f"{sims.size} similarity values cannot fill {buckets} quantile buckets")
     return np.maximum.accumulate(np.quantile(sims, np.linspace(0, 1, buckets + 1)))
+
+
+@dataclass
+class Decoding:
+    """An incremental decoding in progress: the transformer's key/value cache and how many of its
+    positions are the prefix (caption, z_t, similarity token) before the codes."""
+
+    cache: KVCache
+    prefix_len: int
+
+    @property
+    def codes(self) -> int:
+        """Codes fed so far (the component index of the next one)."""
+        return self.cache.length - self.prefix_len
+
+
+def _branches(b: int, device: torch.device) -> tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor]:
+    """Classifier-free guidance in one batch: ``pair`` stacks a batch on itself (conditional rows
+    first) and ``drop`` (2B,) marks the second copy's captions as dropped (the null caption)."""
+    drop = torch.cat([torch.zeros(b, dtype=torch.bool), torch.ones(b, dtype=torch.bool)]).to(device)
+    return (lambda v: torch.cat([v, v])), drop
 
 
 class ARPrior(nn.Module):
@@ -138,16 +164,13 @@ class ARPrior(nn.Module):
 
     # ---- the network -----------------------------------------------------------------------
 
-    def forward(self, codes_in: torch.Tensor, text_tokens: torch.Tensor, text_mask: torch.Tensor,
-                z_t: torch.Tensor, sim: torch.Tensor,
-                drop_text: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (B, m + 1, num_buckets) for codes 1..m+1 given the first m codes ``codes_in``."""
+    def _prefix(self, text_tokens: torch.Tensor, text_mask: torch.Tensor, z_t: torch.Tensor,
+                sim: torch.Tensor, drop_text: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The embedded [caption tokens, z_t, similarity token] (B, n + 2, W) and their key
+        validity (B, n + 2): the part of the sequence that does not depend on the codes."""
         c = self.cfg
         check_text(text_tokens, text_mask, c.text_width, c.max_text_len, "ARPrior")
         b, n = text_tokens.shape[:2]
-        m = codes_in.shape[1]
-        if m >= c.n_components:
-            raise ValueError(f"ARPrior: {m} input codes; at most n_components - 1 = {c.n_components - 1}")
         text = self.text_proj(text_tokens.to(self.head.weight.dtype))
         zt = self.zt_proj(z_t.to(text.dtype) * c.dim ** 0.5)
         mask = text_mask.bool()
@@ -156,12 +179,49 @@ class ARPrior(nn.Module):
             zt = torch.where(drop_text.bool().view(b, 1), self.null_zt.expand(b, -1), zt)
         prefix = torch.cat([text + self.prefix_pos[:n], (zt + self.prefix_pos[-2])[:, None],
                             (self.sim_embed(sim) + self.prefix_pos[-1])[:, None]], dim=1)
-        codes = self.code_embed(codes_in) + self.comp_embed[:m]
-        seq = torch.cat([prefix, codes], dim=1)
-        valid = torch.cat([mask, torch.ones(b, 2 + m, dtype=torch.bool, device=mask.device)], dim=1)
+        valid = torch.cat([mask, torch.ones(b, 2, dtype=torch.bool, device=mask.device)], dim=1)
+        return prefix, valid
+
+    def _codes(self, codes: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Embedded codes (B, m, W) that are components start..start+m-1 of the sequence."""
+        m = codes.shape[1]
+        if start + m >= self.cfg.n_components:
+            raise ValueError(f"ARPrior: {start + m} input codes; at most n_components - 1 = "
+                             f"{self.cfg.n_components - 1}")
+        return self.code_embed(codes) + self.comp_embed[start:start + m]
+
+    def forward(self, codes_in: torch.Tensor, text_tokens: torch.Tensor, text_mask: torch.Tensor,
+                z_t: torch.Tensor, sim: torch.Tensor,
+                drop_text: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, m + 1, num_buckets) for codes 1..m+1 given the first m codes ``codes_in``."""
+        prefix, valid = self._prefix(text_tokens, text_mask, z_t, sim, drop_text)
+        b, n = text_tokens.shape[:2]
+        m = codes_in.shape[1]
+        seq = torch.cat([prefix, self._codes(codes_in)], dim=1)
+        valid = torch.cat([valid, torch.ones(b, m, dtype=torch.bool, device=valid.device)], dim=1)
         h = self.transformer(seq, valid)
         # the similarity token predicts code 1, code j predicts code j+1
         return self.head(h[:, n + 1:])
+
+    # ---- incremental decoding --------------------------------------------------------------
+
+    @torch.no_grad()
+    def prefill(self, text_tokens: torch.Tensor, text_mask: torch.Tensor, z_t: torch.Tensor,
+                sim: torch.Tensor, drop_text: torch.Tensor | None = None) -> tuple[torch.Tensor, Decoding]:
+        """Logits (B, num_buckets) of code 1 and the key/value cache of the prefix, sized for the
+        whole sequence; :meth:`extend` then feeds one code at a time (what ``sample`` does)."""
+        prefix, valid = self._prefix(text_tokens, text_mask, z_t, sim, drop_text)
+        state = Decoding(KVCache(prefix.shape[1] + self.cfg.n_components - 1), prefix.shape[1])
+        h = self.transformer(prefix, valid, state.cache)
+        return self.head(h[:, -1]), state
+
+    @torch.no_grad()
+    def extend(self, state: Decoding, codes: torch.Tensor) -> torch.Tensor:
+        """Logits (B, s, num_buckets) of the codes after each of ``codes`` (B, s), the next codes
+        of the sequences in ``state`` (which they are appended to): equal, to float rounding, to
+        the last s positions of :meth:`forward` on every code so far."""
+        x = self._codes(codes, state.codes)
+        return self.head(self.transformer(x, None, state.cache))
 
     def losses(self, z_i: torch.Tensor, text_tokens: torch.Tensor, text_mask: torch.Tensor,
                z_t: torch.Tensor, generator: torch.Generator | None = None,
@@ -188,51 +248,85 @@ class ARPrior(nn.Module):
         lo = min(n - 1, int(round(q0 * n)))
         return lo, max(lo + 1, int(round(q1 * n)))
 
+    @staticmethod
+    def guided_log_probs(logits: torch.Tensor, guidance_scale: float = 1.0) -> torch.Tensor:
+        """Log-probabilities (B, num_buckets) from next-code logits: (B, V) unguided, or (2B, V)
+        with the conditional rows first and the unconditional ones after them, guided as
+        ``uncond + s (cond - uncond)`` on their log-softmax (unnormalized)."""
+        logp = F.log_softmax(logits.float(), dim=-1)
+        if guidance_scale == 1.0:
+            return logp
+        cond, uncond = logp.chunk(2)
+        return uncond + guidance_scale * (cond - uncond)
+
     @torch.no_grad()
     def next_log_probs(self, codes: torch.Tensor, text_tokens: torch.Tensor, text_mask: torch.Tensor,
                        z_t: torch.Tensor, sim: torch.Tensor, guidance_scale: float = 1.0) -> torch.Tensor:
-        """Log-probabilities (B, num_buckets) of the next code after ``codes`` (B, m); guided,
-        ``uncond + s (cond - uncond)`` on the log-softmax of both branches (unnormalized), the
-        unconditional branch the null caption, in one batched pass."""
+        """Log-probabilities (B, num_buckets) of the next code after ``codes`` (B, m) from a full
+        forward (no cache); guided, ``uncond + s (cond - uncond)`` on the log-softmax of both
+        branches (unnormalized), the unconditional branch the null caption, in one batched pass."""
         if guidance_scale == 1.0:
-            return F.log_softmax(self(codes, text_tokens, text_mask, z_t, sim)[:, -1].float(), -1)
-        b = codes.shape[0]
-        pair = lambda v: torch.cat([v, v])  # noqa: E731
-        drop = torch.cat([torch.zeros(b, dtype=torch.bool), torch.ones(b, dtype=torch.bool)])
-        logits = self(pair(codes), pair(text_tokens), pair(text_mask), pair(z_t), pair(sim),
-                      drop.to(codes.device))[:, -1].float()
-        cond, uncond = F.log_softmax(logits, dim=-1).chunk(2)
-        return uncond + guidance_scale * (cond - uncond)
+            return self.guided_log_probs(self(codes, text_tokens, text_mask, z_t, sim)[:, -1])
+        pair, drop = _branches(codes.shape[0], codes.device)
+        logits = self(pair(codes), pair(text_tokens), pair(text_mask), pair(z_t), pair(sim), drop)
+        return self.guided_log_probs(logits[:, -1], guidance_scale)
+
+    @torch.no_grad()
+    def sample_codes(self, text_tokens: torch.Tensor, text_mask: torch.Tensor, z_t: torch.Tensor,
+                     guidance_scale: float = 1.0, temperature: float = 1.0,
+                     sim_quantile: tuple[float, float] = (0.5, 1.0),
+                     generator: torch.Generator | None = None, use_cache: bool = True) -> torch.Tensor:
+        """Bucket codes (B, n_components), one sequence per row, drawn code by code (the
+        similarity token first, uniformly from the buckets of ``sim_quantile``).
+
+        ``use_cache``: decode with a key/value cache (one position per code, each row of both
+        guidance branches its own cache row); False recomputes the whole sequence for every code
+        (O(n^2) positions), the reference the cache is tested against. Both draw the same random
+        numbers in the same order, so they give the same codes."""
+        if temperature <= 0:
+            raise ValueError("temperature must be > 0")
+        was_training = self.training
+        self.eval()
+        try:
+            n, bk, dev = self.cfg.n_components, z_t.shape[0], z_t.device
+            lo, hi = self.sim_range(sim_quantile)
+            sim = torch.randint(lo, hi, (bk,), generator=generator).to(dev)
+            codes = torch.zeros(bk, n, dtype=torch.long, device=dev)
+            tt, tm, zt = text_tokens, text_mask, z_t
+            if use_cache:
+                pair, drop = _branches(bk, dev) if guidance_scale != 1.0 else (lambda v: v, None)
+                logits, state = self.prefill(pair(tt), pair(tm), pair(zt), pair(sim), drop)
+            for j in range(n):
+                if not use_cache:
+                    logp = self.next_log_probs(codes[:, :j], tt, tm, zt, sim, guidance_scale)
+                else:
+                    if j:
+                        logits = self.extend(state, pair(codes[:, j - 1:j]))[:, -1]
+                    logp = self.guided_log_probs(logits, guidance_scale)
+                probs = F.softmax(logp / temperature, dim=-1)
+                codes[:, j] = torch.multinomial(probs.cpu(), 1, generator=generator)[:, 0].to(dev)
+        finally:
+            self.train(was_training)
+        return codes
 
     @torch.no_grad()
     def sample(self, text_tokens: torch.Tensor, text_mask: torch.Tensor, z_t: torch.Tensor,
                guidance_scale: float = 1.0, temperature: float = 1.0, num_candidates: int = 1,
                sim_quantile: tuple[float, float] = (0.5, 1.0),
-               generator: torch.Generator | None = None) -> torch.Tensor:
+               generator: torch.Generator | None = None, use_cache: bool = True) -> torch.Tensor:
         """Unit-norm image embeddings (B, dim). The similarity token is drawn uniformly from the
         buckets in ``sim_quantile`` of its training distribution (the top half by default); with
-        several candidates the one with the largest z_i . z_t is kept."""
+        several candidates the one with the largest z_i . z_t is kept. ``use_cache``: see
+        :meth:`sample_codes` (the same samples either way; False is the slow reference)."""
         from unclip.models.prior import rerank
 
-        if num_candidates < 1 or temperature <= 0:
-            raise ValueError("num_candidates must be >= 1 and temperature > 0")
-        was_training = self.training
-        self.eval()
-        c = self.cfg
+        if num_candidates < 1:
+            raise ValueError("num_candidates must be >= 1")
         b, k = z_t.shape[0], int(num_candidates)
         tt, tm, zt = (v.repeat_interleave(k, 0) for v in (text_tokens, text_mask, z_t))
-        bk, dev = b * k, zt.device
-        lo, hi = self.sim_range(sim_quantile)
-        sim = torch.randint(lo, hi, (bk,), generator=generator).to(dev)
-        codes = torch.zeros(bk, 0, dtype=torch.long, device=dev)
-        for j in range(c.n_components):
-            # no key/value cache: recomputing the short sequence is cheap at the sizes trained here
-            logp = self.next_log_probs(codes, tt, tm, zt, sim, guidance_scale)
-            probs = F.softmax(logp / temperature, dim=-1)
-            nxt = torch.multinomial(probs.cpu(), 1, generator=generator).to(dev)
-            codes = torch.cat([codes, nxt], dim=1)
-        self.train(was_training)
-        z = self.decode(codes).to(dev).view(b, k, -1)
+        codes = self.sample_codes(tt, tm, zt, guidance_scale, temperature, sim_quantile, generator,
+                                  use_cache)
+        z = self.decode(codes).to(z_t.device).view(b, k, -1)
         return rerank(z, z_t)
 
     # ---- files -----------------------------------------------------------------------------

@@ -3,6 +3,11 @@
 Written on ``F.scaled_dot_product_attention`` so one boolean mask can combine the causal structure
 with per-sample padding of the caption tokens (``nn.TransformerEncoderLayer`` takes them as two
 masks and switches to a nested-tensor fast path in eval mode that zeroes padded outputs).
+
+Incremental decoding (the AR prior's sampler) passes a :class:`KVCache`: each call then feeds only
+the new positions, whose keys and values are appended to the cache, and attends to every cached
+one, so a sequence of n tokens costs n one-position forwards instead of n forwards of growing
+prefixes.
 """
 
 from __future__ import annotations
@@ -28,13 +33,73 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
         self.dropout = dropout
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, cache: "KVCache | None" = None,
+                layer: int = 0) -> torch.Tensor:
+        """``mask`` (B or 1, 1, s, keys); with ``cache``, x holds the new positions only and the
+        keys are the cached ones followed by these."""
         b, s, w = x.shape
         q, k, v = self.qkv(self.ln1(x)).view(b, s, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
+        if cache is not None:
+            k, v = cache.write(layer, k, v)
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                            dropout_p=self.dropout if self.training else 0.0)
         x = x + self.proj(a.transpose(1, 2).reshape(b, s, w))
         return x + self.mlp(self.ln2(x))
+
+
+class KVCache:
+    """Keys and values of every layer for the positions decoded so far, and which of them are
+    valid keys (caption padding is not), for incremental decoding.
+
+    The buffers are allocated on the first write to ``max_len`` positions, in the device and dtype
+    of the keys (so autocast's bfloat16 stays bfloat16): a step writes its slice in place instead
+    of concatenating, which would copy the whole prefix every step. Each batch row is a sequence
+    of its own (the conditional and unconditional branches of guidance are separate rows)."""
+
+    def __init__(self, max_len: int):
+        if max_len < 1:
+            raise ValueError(f"max_len must be >= 1, got {max_len}")
+        self.max_len = int(max_len)
+        self.length = 0
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.valid: torch.Tensor | None = None
+
+    def append_valid(self, key_valid: torch.Tensor) -> torch.Tensor:
+        """Record the validity (B, s) of ``s`` new positions; the validity of all keys so far."""
+        b, s = key_valid.shape
+        end = self.length + s
+        if end > self.max_len:
+            raise ValueError(f"KVCache: {end} positions, allocated for {self.max_len}")
+        if self.valid is None:
+            self.valid = torch.zeros(b, self.max_len, dtype=torch.bool, device=key_valid.device)
+        self.valid[:, self.length:end] = key_valid
+        return self.valid[:, :end]
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new (B, H, s, D) keys and values of ``layer`` after the cached ones; all of
+        that layer's keys and values so far (views of the buffers)."""
+        end = self.length + k.shape[2]
+        if layer == len(self.keys):
+            b, h, _, d = k.shape
+            self.keys.append(k.new_empty(b, h, self.max_len, d))
+            self.values.append(v.new_empty(b, h, self.max_len, d))
+        kb, vb = self.keys[layer], self.values[layer]
+        kb[:, :, self.length:end] = k
+        vb[:, :, self.length:end] = v
+        return kb[:, :, :end], vb[:, :, :end]
+
+
+def attention_mask(start: int, s: int, key_valid: torch.Tensor | None,
+                   device: torch.device) -> torch.Tensor:
+    """Boolean mask (B or 1, 1, s, start + s) of queries at positions start..start+s-1: causal,
+    invalid keys masked, and each query's own key always kept (see :class:`CausalTransformer`)."""
+    q = torch.arange(start, start + s, device=device)[:, None]
+    k = torch.arange(start + s, device=device)[None, :]
+    mask = (k <= q)[None, None]
+    if key_valid is not None:
+        mask = mask & (key_valid[:, None, None, :] | (k == q)[None, None])
+    return mask
 
 
 class CausalTransformer(nn.Module):
@@ -43,21 +108,30 @@ class CausalTransformer(nn.Module):
     A key that is not valid gets exactly zero attention weight from every query, so padded
     positions change nothing at the valid ones. Every query also attends to itself: a padded
     query then has a key (no fully masked row, whose softmax some kernels turn into NaN that
-    would reach the valid positions through the values) and its own output stays unread."""
+    would reach the valid positions through the values) and its own output stays unread.
+
+    With ``cache``, ``x`` (B, s, W) and ``key_valid`` (B, s) are the positions after the cached
+    ones; the output is theirs, computed as if the whole sequence had been fed."""
 
     def __init__(self, width: int, layers: int, heads: int, dropout: float = 0.0):
         super().__init__()
         self.blocks = nn.ModuleList(Block(width, heads, dropout=dropout) for _ in range(layers))
         self.ln = nn.LayerNorm(width)
 
-    def forward(self, x: torch.Tensor, key_valid: torch.Tensor | None = None) -> torch.Tensor:
-        s = x.shape[1]
-        mask = torch.ones(s, s, dtype=torch.bool, device=x.device).tril()[None, None]
-        if key_valid is not None:
-            eye = torch.eye(s, dtype=torch.bool, device=x.device)[None, None]
-            mask = mask & (key_valid[:, None, None, :] | eye)
-        for blk in self.blocks:
-            x = blk(x, mask)
+    def forward(self, x: torch.Tensor, key_valid: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> torch.Tensor:
+        b, s = x.shape[:2]
+        start = 0
+        if cache is not None:
+            start = cache.length
+            if key_valid is None:
+                key_valid = torch.ones(b, s, dtype=torch.bool, device=x.device)
+            key_valid = cache.append_valid(key_valid)
+        mask = attention_mask(start, s, key_valid, x.device)
+        for i, blk in enumerate(self.blocks):
+            x = blk(x, mask, cache, i)
+        if cache is not None:
+            cache.length = start + s
         return self.ln(x)
 
 
