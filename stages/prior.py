@@ -22,6 +22,7 @@ import torch
 
 from pipelines.config import to_container
 from pipelines.context import StageContext, StageResult
+from pipelines.schema.prior import KINDS
 from stages import training
 from stages.prior_data import read_holdout, read_split, split_dataset, train_statistics
 from unclip.devices import model_device, to_device, to_host, to_numpy
@@ -33,7 +34,6 @@ from unclip.training.loop import LoopConfig, make_optimizer, train
 from unclip.training.state import EMA, unwrap
 
 log = logging.getLogger("unclip")
-KINDS = ("diffusion", "autoregressive")
 
 
 # ---- caption encodings ---------------------------------------------------------------------
