@@ -151,6 +151,22 @@ def test_run_refuses_a_value_out_of_range_before_any_stage(tmp_path, capsys):
     assert not run_dir.exists()
 
 
+def test_plan_prints_each_value_with_its_origin(capsys):
+    from pipelines.cli import main
+
+    assert main(["plan", "preset=smoke", "decoder.train.total_steps=7", "seed=3"]) == 0
+    out = capsys.readouterr().out
+    section = out[out.index("[decoder]"):out.index("[evaluate]")]
+    rows = {r[0]: r[1:] for r in (re.split(r"\s{2,}", line.strip()) for line in section.splitlines()[1:])}
+    assert rows["train.total_steps"] == ["7", "command line"]
+    assert rows["train.seed"] == ["3", "command line"]           # through ${seed}
+    assert rows["resolution"] == ["8", "preset"]
+    assert rows["model.layers_per_block"] == ["1", "default.yaml"]  # the library's is 2
+    assert rows["model.num_clip_tokens"] == ["4", "default"]
+    assert rows["model.attention_resolutions"] == ["[4]", "preset"]
+    assert "preset smoke: every stage's options check out" in out
+
+
 # Each stage's config hash (HASH_VERSION 2) and legacy hash (version 1) for every preset, recorded
 # before the schema: a run directory written then still finds its stages done and resumes its
 # trainings under the same checkpoint names.
