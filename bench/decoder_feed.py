@@ -105,11 +105,11 @@ def model_rate(size: int, batch: int, clip_dim: int, text_width: int, steps: int
     import torch
     from omegaconf import OmegaConf
 
+    from pipelines.config import load_config
     from unclip.diffusion import DiffusionConfig, GaussianDiffusion
     from unclip.models.decoder import Decoder, DecoderConfig, dropout_masks
 
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    c = OmegaConf.load(os.path.join(here, "configs", "decoder", "default.yaml"))
+    c = load_config(["~preset"]).decoder  # the schema with configs/decoder/default.yaml
     mcfg = {**OmegaConf.to_container(c.model), "resolution": size, "clip_dim": clip_dim,
             "text_width": text_width}
     dcfg = DiffusionConfig.from_dict(OmegaConf.to_container(c.diffusion))

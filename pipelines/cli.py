@@ -21,7 +21,9 @@ overrides are Hydra key=value pairs applied on top of configs/config.yaml, for e
   preset=smoke|tiny|paper      scale of every stage (default tiny)
   run_dir=URI                  where the run writes everything (default runs/<preset>)
   data.source=shapes|URI       synthetic shapes, or a folder of img2dataset shards (local or s3://)
-  filter.min_side=64           any stage setting (see configs/<stage>/default.yaml)
+  filter.min_side=64           any stage setting: `plan` lists every key, its value and its origin
+                               (the schema in pipelines/schema/, configs/<stage>/default.yaml, the
+                               preset); an unknown key or a bad value exits 2 naming it
 
 environment:
   RAY_ADDRESS          submit each stage as a Ray job to this cluster (default: local Ray)
@@ -30,10 +32,12 @@ environment:
 """
 
 PLAN_DESCRIPTION = """\
-Check every stage's options against configs/ and each model's own validator (exit 2 with one line
-naming the bad key), build every model on the meta device (no memory, no download, no GPU) and print
-its parameters beside the paper's Table 3, and its training memory per GPU (fp32 weights, gradients,
-AdamW moments, EMA) under DDP and FSDP, with the stage's global batch and iterations.
+Check every stage's options against the schema's ranges and each model's own validator (exit 2 with
+one line naming the bad key), print each stage's effective config with where each value came from
+(default, default.yaml, preset, command line), build every model on the meta device (no memory, no
+download, no GPU) and print its parameters beside the paper's Table 3, and its training memory per
+GPU (fp32 weights, gradients, AdamW moments, EMA) under DDP and FSDP, with the stage's global batch
+and iterations.
 """
 
 
@@ -115,8 +119,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "plan":
             from pipelines.plan import format_plan, make_plan
+            from pipelines.plan.origins import format_origins, origins
 
-            print(format_plan(make_plan(cfg)))
+            plan = make_plan(cfg)  # a bad option fails here, before anything is printed
+            print(format_origins(origins(args.overrides)), "", format_plan(plan), sep="\n")
             return 0
         if args.command == "stage":
             report = run(graph, cfg, args.overrides, stages=[args.name], force=args.force)

@@ -31,10 +31,10 @@ class StageSpec:
 
     def result_config(self, cfg) -> dict:
         """The part of ``cfg`` that defines this stage's result (``config_keys`` less
-        ``operational``), resolved."""
-        from pipelines.config import to_container
+        ``operational``, and less the keys the schema added while they hold their default), resolved."""
+        from pipelines.schema.derive import without_added_defaults
 
-        out = {k: to_container(cfg[k]) for k in self.config_keys}
+        out = {k: without_added_defaults(cfg[k]) for k in self.config_keys}
         for dotted in self.operational:  # relative to the first (the stage's own) subtree
             node = out[self.config_keys[0]]
             parts = dotted.split(".")

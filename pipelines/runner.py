@@ -35,7 +35,7 @@ def run(graph: Graph, cfg: DictConfig, overrides: Sequence[str], stages: Sequenc
         force: bool = False) -> list[StageRun]:
     """Run ``stages`` (default: all) in graph order, skipping those already done unless forced."""
     wanted = [s.name for s in graph.stages] if stages is None else [graph[s].name for s in stages]
-    check_config(cfg)  # an unknown or ill-typed key anywhere fails now, before any stage runs
+    check_config(cfg)  # a value out of its range fails now (keys and types did at composition)
     tracking.check_reachable(tracking.tracking_uri(cfg))  # a dead server fails now, not mid-run
     lock_cfg = cfg.pipeline.get("lock") or {}
     with run_lock(str(cfg.run_dir), float(lock_cfg.get("stale_after_s", 120)),

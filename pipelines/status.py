@@ -10,6 +10,7 @@ from omegaconf import DictConfig
 from pipelines.config import config_hash
 from pipelines.graph import Graph, StageSpec
 from pipelines.manifest import Manifest, code_version, read_manifest
+from pipelines.schema.derive import without_added_defaults
 
 DONE, STALE, MISSING = "done", "stale", "missing"
 
@@ -23,7 +24,9 @@ class StageStatus:
 
 
 # 2: the hash covers only the keys that define a stage's result (StageSpec.operational left out);
-# 1 (manifests without the field): the whole config subtree.
+# 1 (manifests without the field): the whole config subtree. In both, a key the schema added to a
+# subtree (pipelines.schema.derive.ADDED) counts only once set to something else than its default,
+# so a run directory written before the schema hashes as it did.
 HASH_VERSION = 2
 
 
@@ -32,8 +35,9 @@ def stage_config_hash(spec: StageSpec, cfg: DictConfig) -> str:
 
 
 def legacy_config_hash(spec: StageSpec, cfg: DictConfig) -> str:
-    """The hash written before HASH_VERSION 2 (every key of the stage's subtrees)."""
-    return config_hash({k: cfg[k] for k in spec.config_keys})
+    """The hash written before HASH_VERSION 2: every key of the stage's subtrees, each subtree as
+    its ``str`` (in key order), as ``json.dumps(default=str)`` wrote a DictConfig."""
+    return config_hash({k: str(without_added_defaults(cfg[k])) for k in spec.config_keys})
 
 
 def config_matches(spec: StageSpec, cfg: DictConfig, manifest: Manifest) -> bool:

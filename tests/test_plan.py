@@ -63,7 +63,7 @@ def test_paper_memory_and_batches(paper):
 
 @pytest.mark.parametrize("overrides, named", [
     (["decoder.model.base_channels=abc"], "decoder.model.base_channels"),
-    (["+decoder.model.foo=1"], "['foo']"),
+    (["+decoder.model.foo=1"], "decoder.model.foo"),
     (["+decoder.train.totl_steps=5"], "decoder.train.totl_steps"),
     (["decoder.train.lr_schedule=cosin"], "decoder.train.lr_schedule"),
     (["prior.diffusion.model.heads=7"], "prior.diffusion.model"),
@@ -96,18 +96,3 @@ def test_clip_dims_come_from_the_configured_source(tmp_path):
     plan = make_plan(load_config(["preset=smoke", f"clip.source={weights}", "clip.arch=ViT-B-32"]))
     assert plan.clip["embedding dim"] == 512 and 140e6 < plan.params("CLIP (frozen)") < 160e6
 
-
-def test_run_refuses_a_bad_value_before_any_stage(tmp_path, capsys):
-    """`decoder.train.total_steps=abc` used to start the pipeline and fail when the decoder stage
-    began (an hour later on tiny); now `run` refuses it at once, naming the key, writing nothing."""
-    import time
-
-    from pipelines.cli import main
-
-    run_dir = tmp_path / "run"
-    t0 = time.monotonic()
-    assert main(["run", "preset=smoke", f"run_dir={run_dir}", "decoder.train.total_steps=abc"]) == 2
-    assert time.monotonic() - t0 < 30
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "decoder.train.total_steps" in err[0], err
-    assert not run_dir.exists()

@@ -1,9 +1,11 @@
 """``python -m pipelines plan``: check a preset and size every model without a GPU or a download.
 
-The composed config is checked key by key (:mod:`pipelines.plan.checks`), every model is built on
-the meta device by the library functions its stage calls (:mod:`pipelines.plan.models`), and each
-is printed beside the paper's size with the training memory per GPU it needs, so a paper-scale
-run can be sized (and a typo caught) before a cluster is started.
+The composed config (keys and types already checked against the schema when it was composed) is
+checked for ranges (:mod:`pipelines.plan.checks`), every model is built on the meta device by the
+library functions its stage calls (:mod:`pipelines.plan.models`), and each is printed beside the
+paper's size with the training memory per GPU it needs, so a paper-scale run can be sized (and a
+typo caught) before a cluster is started. :mod:`pipelines.plan.origins` prints each stage's
+effective config and where each value came from.
 """
 
 from __future__ import annotations

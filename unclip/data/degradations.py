@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from unclip.diffusion import GaussianDiffusion
+from unclip.options import option, validate
 
 KINDS = ("blur", "bsr")
 RESIZE_MODES = ("bicubic", "bilinear", "area")
@@ -58,11 +59,6 @@ class _FromDict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
 
-def _require_prob(name: str, value: float) -> None:
-    if not 0.0 <= float(value) <= 1.0:
-        raise ValueError(f"{name} must be in [0, 1], got {value}")
-
-
 def _require_range(name: str, pair: tuple, lowest: float, highest: float = math.inf,
                    low_may_equal: bool = True) -> None:
     """A (low, high) option: low <= high within [lowest, highest] (low > lowest where it must)."""
@@ -80,10 +76,10 @@ class BlurConfig(_FromDict):
     sigma: tuple[float, float] = (0.4, 1.2)
     # Share of images left unblurred (the anti-aliased downscale only). The paper always blurs; an
     # upsampler that never sees a sharp input sharpens the sharp ones it gets in the cascade.
-    clean_prob: float = 0.0
+    clean_prob: float = option(0.0, ge=0, le=1)
 
     def __post_init__(self) -> None:
-        _require_prob("clean_prob", self.clean_prob)
+        validate(self)
         _require_range("sigma", self.sigma, lowest=0.0, low_may_equal=False)
 
 
@@ -91,25 +87,23 @@ class BlurConfig(_FromDict):
 class BSRConfig(_FromDict):
     # Blur kernel sigmas in pixels of the image they are applied to, drawn per axis.
     sigma: tuple[float, float] = (0.2, 2.0)
-    isotropic_prob: float = 0.5          # else anisotropic: two sigmas and a random rotation
-    second_blur_prob: float = 0.5        # BSRGAN applies two blurs, the second one optional
+    isotropic_prob: float = option(0.5, ge=0, le=1)    # else anisotropic: two sigmas, a rotation
+    second_blur_prob: float = option(0.5, ge=0, le=1)  # BSRGAN applies two blurs, the second optional
     # Intermediate resize by a factor drawn in [1, scale]: part of the reduction happens early,
     # so later steps act at a random intermediate resolution.
-    intermediate_resize_prob: float = 0.5
+    intermediate_resize_prob: float = option(0.5, ge=0, le=1)
     gaussian_noise: tuple[float, float] = (1.0 / 255, 25.0 / 255)   # noise std range
-    poisson_prob: float = 0.5
+    poisson_prob: float = option(0.5, ge=0, le=1)
     # Poisson-like noise: counts ~ Poisson(x * 10**u), u uniform in this range (fewer counts: more noise).
     poisson_log10_scale: tuple[float, float] = (2.0, 4.0)
-    gray_noise_prob: float = 0.4         # the same noise on every channel (luminance noise)
+    gray_noise_prob: float = option(0.4, ge=0, le=1)  # the same noise on every channel (luminance)
     jpeg_quality: tuple[int, int] = (30, 95)
     # Share of images given the plain anti-aliased downscale instead (see BlurConfig.clean_prob): the
     # cascade feeds this upsampler the first upsampler's sharp output, not a camera's degraded photo.
-    clean_prob: float = 0.0
+    clean_prob: float = option(0.0, ge=0, le=1)
 
     def __post_init__(self) -> None:
-        for name in ("isotropic_prob", "second_blur_prob", "intermediate_resize_prob",
-                     "poisson_prob", "gray_noise_prob", "clean_prob"):
-            _require_prob(name, getattr(self, name))
+        validate(self)
         _require_range("sigma", self.sigma, lowest=0.0, low_may_equal=False)
         _require_range("gaussian_noise", self.gaussian_noise, lowest=0.0)
         _require_range("jpeg_quality", self.jpeg_quality, lowest=1, highest=100)

@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image, ImageFile
 
 from unclip.data.shards import RawSample, ShardProblem, printable, unsafe_key_reason
+from unclip.options import option, validate
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
@@ -41,14 +42,19 @@ REASONS = (
 
 @dataclass(frozen=True)
 class FilterConfig:
-    min_side: int | None = 32
-    max_aspect_ratio: float | None = 3.0
-    min_caption_chars: int | None = 2
-    max_caption_chars: int | None = 500
-    dedup_keys: bool = True
-    dedup_images: bool = True
-    background: tuple[int, int, int] = (255, 255, 255)
-    max_pixels: int | None = 178956970
+    """The checks in :data:`REASONS` order; a null threshold (or a false flag) turns one off."""
+
+    min_side: int | None = option(32, ge=1)      # shorter side below this (pixels): too small
+    max_aspect_ratio: float | None = option(3.0, ge=1)  # long / short side above this
+    min_caption_chars: int | None = option(2, ge=0)     # after stripping white space
+    max_caption_chars: int | None = option(500, ge=1)
+    dedup_keys: bool = True                      # keep the first sample of each key
+    dedup_images: bool = True                    # ... and of each exact image (sha256 of its pixels)
+    background: tuple[int, int, int] = option((255, 255, 255), ge=0, le=255)  # alpha composited on it
+    max_pixels: int | None = option(178956970, ge=1)  # decompression bombs (PIL's own limit)
+
+    def __post_init__(self) -> None:
+        validate(self)
 
     @classmethod
     def from_mapping(cls, m) -> "FilterConfig":

@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 
 from unclip.embeddings import io as eio
+from unclip.options import option, validate
 
 
 def similarity_filter(image: np.ndarray, text: np.ndarray, threshold: float) -> np.ndarray:
@@ -91,8 +92,13 @@ class NearDuplicateFilter:
 class EmbeddingFilterConfig:
     """Thresholds of the optional filters; None turns a filter off."""
 
-    min_similarity: float | None = None  # drop pairs with image-text cosine below this
-    dedup_threshold: float | None = None  # drop images with cosine >= this to an earlier kept one
+    # drop pairs with image-text cosine below this
+    min_similarity: float | None = option(None, ge=-1, le=1)
+    # drop images with cosine >= this to an earlier kept one
+    dedup_threshold: float | None = option(None, ge=-1, le=1)
+
+    def __post_init__(self) -> None:
+        validate(self)
 
 
 def apply_filters(table: pa.Table, cfg: EmbeddingFilterConfig,

@@ -8,7 +8,7 @@ of the image; PCA reconstructions keep the first k principal components of z_i.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Callable, Sequence
 
 import numpy as np
@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from unclip.devices import to_numpy
-from unclip.models.decoder_sampling import caption_condition, decode, invert
+from unclip.models.decoder_sampling import DecoderSampling, caption_condition, decode, invert
+from unclip.models.prior import PriorSampling
 from unclip.generation.images import InputError, check_prompt, from_pil, to_pil
 from unclip.generation.models import ModelRefs, resolve
 
@@ -33,9 +34,9 @@ def slerp(a: torch.Tensor, b: torch.Tensor, theta: float) -> torch.Tensor:
 
 # DDIM eta of variations from the inverted x_T (0 gives the input back; see README "Variations").
 VARY_ETA = 0.5
-# Used only for a checkpoint that records no sampling settings (written before they were recorded).
-FALLBACK = {"prior": {"sampler": "ddpm", "steps": 64, "guidance_scale": 1.0, "num_candidates": 2},
-            "decoder": {"sampler": "ddim", "steps": 50, "guidance_scale": 3.0}}
+# Used only for a checkpoint that records no sampling settings (written before they were recorded):
+# the library's sampling defaults.
+FALLBACK = {"prior": asdict(PriorSampling()), "decoder": asdict(DecoderSampling())}
 
 
 @dataclass

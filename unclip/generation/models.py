@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, fields, replace
 
-# The names the pipeline's stages register under (configs/<stage>/default.yaml `register_name`).
+# The names the pipeline's stages register under: the default of each stage's `register_name`
+# (pipelines/schema) and of the unclip command's model options.
 DEFAULT_NAMES = {"clip": "unclip-clip", "pca": "unclip-pca", "prior": "unclip-prior",
                  "decoder": "unclip-decoder", "upsampler1": "unclip-upsampler1",
                  "upsampler2": "unclip-upsampler2"}

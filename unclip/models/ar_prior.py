@@ -35,7 +35,8 @@ from torch import nn
 
 from unclip import checkpoint
 from unclip.embeddings.pca import PCA
-from unclip.models.transformer import CausalTransformer, KVCache, check_text, null_caption
+from unclip.models.transformer import CausalTransformer, KVCache, check_heads, check_text, null_caption
+from unclip.options import option, validate
 
 KIND = "ar_prior"
 
@@ -44,15 +45,19 @@ KIND = "ar_prior"
 class ARPriorConfig:
     dim: int                      # CLIP embedding dimension
     text_width: int               # width of the CLIP text tower's token states
-    n_components: int             # leading PCA components modelled (319 in the paper)
-    num_buckets: int              # buckets per component (1024 in the paper)
-    sim_buckets: int = 16         # buckets of the z_i . z_t token
-    max_text_len: int = 77
-    width: int = 256
-    layers: int = 4
-    heads: int = 4
-    dropout: float = 0.0
-    cond_drop_prob: float = 0.1
+    n_components: int = option(ge=1)  # leading PCA components modelled (319 in the paper)
+    num_buckets: int = option(ge=2)   # buckets per component (1024 in the paper)
+    sim_buckets: int = option(16, ge=1)  # buckets of the z_i . z_t token
+    max_text_len: int = option(77, ge=1)
+    width: int = option(256, ge=1)
+    layers: int = option(4, ge=1)
+    heads: int = option(4, ge=1)
+    dropout: float = option(0.0, ge=0, lt=1)
+    cond_drop_prob: float = option(0.1, ge=0, le=1)
+
+    def __post_init__(self) -> None:
+        validate(self)
+        check_heads(self.width, self.heads)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ARPriorConfig":
@@ -64,6 +69,20 @@ class ARPriorConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class ARPriorSampling:
+    """How an AR prior is sampled: one draw, no guidance, the similarity token from the top half."""
+
+    guidance_scale: float = option(1.0, ge=0)  # classifier-free guidance on log-probabilities
+    temperature: float = option(1.0, gt=0)
+    num_candidates: int = option(1, ge=1)      # >1: re-rank by z_i . z_t as the diffusion prior
+    # the z_i . z_t token is drawn from this quantile range of its training distribution
+    sim_quantile: tuple[float, float] = option((0.5, 1.0), ge=0, le=1)
+
+    def __post_init__(self) -> None:
+        validate(self)
 
 
 def similarity_edges(sims: np.ndarray, buckets: int) -> np.ndarray:
@@ -311,8 +330,10 @@ class ARPrior(nn.Module):
 
     @torch.no_grad()
     def sample(self, text_tokens: torch.Tensor, text_mask: torch.Tensor, z_t: torch.Tensor,
-               guidance_scale: float = 1.0, temperature: float = 1.0, num_candidates: int = 1,
-               sim_quantile: tuple[float, float] = (0.5, 1.0),
+               guidance_scale: float = ARPriorSampling.guidance_scale,
+               temperature: float = ARPriorSampling.temperature,
+               num_candidates: int = ARPriorSampling.num_candidates,
+               sim_quantile: tuple[float, float] = ARPriorSampling.sim_quantile,
                generator: torch.Generator | None = None, use_cache: bool = True) -> torch.Tensor:
         """Unit-norm image embeddings (B, dim). The similarity token is drawn uniformly from the
         buckets in ``sim_quantile`` of its training distribution (the top half by default); with

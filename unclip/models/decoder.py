@@ -23,32 +23,37 @@ from torch import nn
 
 from unclip import checkpoint
 from unclip.diffusion import DiffusionConfig
+from unclip.options import option, validate
 
 KIND = "decoder"
 
 
 @dataclass(frozen=True)
 class DecoderConfig:
-    resolution: int = 64                 # output side in pixels (the paper: 64)
-    clip_dim: int = 1024                 # CLIP image embedding width (z_i)
-    text_width: int = 1024               # width of the CLIP text tower's token states
-    base_channels: int = 64              # channels of the first level
-    channel_mult: tuple[int, ...] = (1, 2, 3, 4)
-    layers_per_block: int = 2            # residual blocks per level
-    attention_resolutions: tuple[int, ...] = (32, 16, 8)  # levels (by side in px) with attention
-    head_channels: int = 64              # channels per attention head
-    context_dim: int = 512               # width of the context tokens (caption + 4 CLIP tokens)
-    num_clip_tokens: int = 4             # extra context tokens projected from z_i (the paper: 4)
+    resolution: int = option(64, ge=4)   # output side in pixels (the paper: 64)
+    clip_dim: int = option(1024, ge=1)   # CLIP image embedding width (z_i)
+    text_width: int = option(1024, ge=1)  # width of the CLIP text tower's token states
+    base_channels: int = option(64, ge=1)  # channels of the first level
+    channel_mult: tuple[int, ...] = option((1, 2, 3, 4), ge=1)
+    layers_per_block: int = option(2, ge=1)  # residual blocks per level
+    # levels (by side in px) with attention over [caption, CLIP tokens]
+    attention_resolutions: tuple[int, ...] = option((32, 16, 8), ge=1)
+    head_channels: int = option(64, ge=1)  # channels per attention head
+    context_dim: int = option(512, ge=1)   # width of the context tokens (caption + 4 CLIP tokens)
+    num_clip_tokens: int = option(4, ge=1)  # extra context tokens projected from z_i (the paper: 4)
     use_caption: bool = True             # condition on the caption's token states at all
     # GLIDE also adds the caption's final token state (projected) to the timestep embedding, beside
     # z_i: a global path for the caption besides cross-attention.
     caption_in_time: bool = True
     learn_variance: bool = True          # 6 output channels (mean + variance interpolation)
-    dropout: float = 0.0
-    norm_groups: int = 32
+    dropout: float = option(0.0, ge=0, lt=1)
+    norm_groups: int = option(32, ge=1)
     # Space-to-depth before the UNet (and back after): 2 runs a 32 px decoder at 16 px with 12
     # input channels, 4x less convolution work. 1 (the paper) on accelerators.
-    patch_size: int = 1
+    patch_size: int = option(1, choices=(1, 2, 4))
+
+    def __post_init__(self) -> None:
+        validate(self)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "DecoderConfig":

@@ -14,9 +14,23 @@ import numpy as np
 import torch
 from PIL import Image
 
-from unclip.diffusion import ddim_invert, guide, sample
+from unclip.diffusion import SAMPLERS, ddim_invert, guide, sample
 from unclip.devices import model_device, to_device, to_host, to_numpy
 from unclip.models.decoder import Decoder
+from unclip.options import option, validate
+
+
+@dataclass(frozen=True)
+class DecoderSampling:
+    """How the decoder is sampled unless told otherwise: 50 DDIM steps at guidance 3."""
+
+    sampler: str = option("ddim", choices=SAMPLERS)  # ddim | dpm (DPM-Solver++) | ddpm
+    steps: int = option(50, ge=1)
+    # classifier-free guidance on both the CLIP embedding and the caption (1.0 = off)
+    guidance_scale: float = option(3.0, ge=0)
+
+    def __post_init__(self) -> None:
+        validate(self)
 
 
 @dataclass
@@ -75,7 +89,8 @@ def make_denoiser(decoder: Decoder, image_embeddings: torch.Tensor,
 
 @torch.no_grad()
 def decode(decoder: Decoder, image_embeddings: torch.Tensor, text: TextCondition | None = None,
-           guidance_scale: float = 3.0, sampler: str = "ddim", steps: int = 50,
+           guidance_scale: float = DecoderSampling.guidance_scale,
+           sampler: str = DecoderSampling.sampler, steps: int = DecoderSampling.steps,
            generator: torch.Generator | None = None, x_T: torch.Tensor | None = None,
            eta: float = 0.0, progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
     """Images (B, 3, H, W) in [-1, 1] for CLIP image embeddings (B, D) [and their captions].

@@ -30,9 +30,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from unclip import checkpoint
-from unclip.diffusion import DiffusionConfig, GaussianDiffusion, guide
+from unclip.diffusion import SAMPLERS, DiffusionConfig, GaussianDiffusion, guide
 from unclip.diffusion import sample as diffusion_sample
-from unclip.models.transformer import CausalTransformer, check_text, null_caption, timestep_embedding
+from unclip.models.transformer import (CausalTransformer, check_heads, check_text, null_caption,
+                                       timestep_embedding)
+from unclip.options import option, validate
 
 KIND = "diffusion_prior"
 SCALE_RULES = ("sqrt_dim", "unit_variance")
@@ -42,17 +44,22 @@ SCALE_RULES = ("sqrt_dim", "unit_variance")
 class PriorConfig:
     dim: int                      # CLIP embedding dimension
     text_width: int               # width of the CLIP text tower's token states
-    max_text_len: int = 77        # caption tokens (the CLIP context length)
-    width: int = 256
-    layers: int = 4
-    heads: int = 4
-    dropout: float = 0.0
-    embed_scale: float = 1.0      # x = embed_scale * (z_i - embed_mean) (see resolve_embed_scale)
+    max_text_len: int = option(77, ge=1)  # caption tokens (the CLIP context length)
+    width: int = option(256, ge=1)
+    layers: int = option(4, ge=1)
+    heads: int = option(4, ge=1)
+    dropout: float = option(0.0, ge=0, lt=1)
+    embed_scale: float = option(1.0, gt=0)  # x = embed_scale * (z_i - embed_mean) (resolve_embed_scale)
     embed_mean: list[float] | None = None   # the training mean of z_i when centring, else None
-    cond_drop_prob: float = 0.1   # share of training samples whose caption is replaced by null tokens
+    # share of training samples whose caption is replaced by null tokens
+    cond_drop_prob: float = option(0.1, ge=0, le=1)
     # The diffusion process; prediction_type is always "sample" (x0) and clip_sample off.
     diffusion: dict[str, Any] = field(default_factory=lambda: {
         "num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2"})
+
+    def __post_init__(self) -> None:
+        validate(self)
+        check_heads(self.width, self.heads)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "PriorConfig":
@@ -69,6 +76,19 @@ class PriorConfig:
     def diffusion_config(self) -> DiffusionConfig:
         return DiffusionConfig.from_dict({**self.diffusion, "prediction_type": "sample",
                                           "clip_sample": False, "learn_variance": False})
+
+
+@dataclass(frozen=True)
+class PriorSampling:
+    """How a diffusion prior is sampled: the paper's 64 strided DDPM steps, k=2, no guidance."""
+
+    sampler: str = option("ddpm", choices=SAMPLERS)
+    steps: int = option(64, ge=1)
+    guidance_scale: float = option(1.0, ge=0)  # classifier-free guidance on x0 (1.0 = off)
+    num_candidates: int = option(2, ge=1)      # draws per caption, re-ranked by z_i . z_t
+
+    def __post_init__(self) -> None:
+        validate(self)
 
 
 def resolve_embed_scale(rule: float | str, dim: int, per_dim_variance: float | None = None) -> float:
@@ -162,8 +182,10 @@ class DiffusionPrior(nn.Module):
 
     @torch.no_grad()
     def sample(self, text_tokens: torch.Tensor, text_mask: torch.Tensor, z_t: torch.Tensor,
-               steps: int = 64, sampler: str = "ddpm", guidance_scale: float = 1.0,
-               num_candidates: int = 2, generator: torch.Generator | None = None,
+               steps: int = PriorSampling.steps, sampler: str = PriorSampling.sampler,
+               guidance_scale: float = PriorSampling.guidance_scale,
+               num_candidates: int = PriorSampling.num_candidates,
+               generator: torch.Generator | None = None,
                eta: float = 0.0) -> torch.Tensor:
         """Unit-norm image embeddings (B, dim): ``num_candidates`` draws per caption, strided to
         ``steps`` steps, guided by ``guidance_scale``, the one with the largest z_i . z_t kept."""

@@ -19,11 +19,15 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def check_heads(width: int, heads: int) -> None:
+    if width % heads:
+        raise ValueError(f"width {width} is not divisible by heads {heads}")
+
+
 class Block(nn.Module):
     def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0):
         super().__init__()
-        if width % heads:
-            raise ValueError(f"width {width} is not divisible by heads {heads}")
+        check_heads(width, heads)
         self.heads = heads
         self.ln1 = nn.LayerNorm(width)
         self.qkv = nn.Linear(width, 3 * width)

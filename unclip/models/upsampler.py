@@ -11,6 +11,7 @@ Images are float tensors in [-1, 1], (B, 3, H, W).
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -18,29 +19,38 @@ import torch.nn.functional as F
 
 from unclip import checkpoint
 from unclip.devices import model_device
-from unclip.data.degradations import augment_low_res
+from unclip.data.degradations import KINDS, augment_low_res
 from unclip.diffusion import SAMPLERS, DiffusionConfig, GaussianDiffusion, sample
+from unclip.options import option, validate
 
 KIND = "upsampler"
 
-DEFAULTS: dict[str, Any] = {
-    "scale": 4,
-    "channels": [32, 64, 64],     # UNet width per resolution level (one level per entry)
-    "layers_per_block": 1,
-    "norm_num_groups": 8,
-    "dropout": 0.0,
-    "diffusion": {"num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2",
-                  "prediction_type": "epsilon", "learn_variance": False, "clip_sample": True},
-    "aug_max_level": 150,         # training: t_aug uniform in [0, aug_max_level]
-    "aug_sample_level": 20,       # sampling: fixed small level
-    "sampler": "ddim",
-    "steps": 27,                  # the paper: 27 DDIM steps (64->256), 15 (256->1024)
-    "kind": "blur",               # the corruption it was trained with (documentation only)
+
+@dataclass(frozen=True)
+class UpsamplerConfig:
+    """The upsampler's options and their defaults; a checkpoint stores them as a dict."""
+
+    scale: int = option(4, ge=1)
+    channels: tuple[int, ...] = option((32, 64, 64), ge=1)  # UNet width per level (one per entry)
+    layers_per_block: int = option(1, ge=1)
+    norm_num_groups: int = option(8, ge=1)
+    dropout: float = option(0.0, ge=0, lt=1)
+    diffusion: dict[str, Any] = field(default_factory=lambda: DiffusionConfig().to_dict())
+    aug_max_level: int = option(150, ge=0)    # training: t_aug uniform in [0, aug_max_level]
+    aug_sample_level: int = option(20, ge=0)  # sampling: fixed small level
+    sampler: str = option("ddim", choices=SAMPLERS)
+    steps: int = option(27, ge=1)             # the paper: 27 DDIM steps (64->256), 15 (256->1024)
+    kind: str = option("blur", choices=KINDS)  # the corruption it was trained with (documentation only)
     # With x0-prediction only: the network predicts the correction to the bicubic upsampling of
     # the low-res input (x0 = bicubic(low) + f), so an untrained model already equals the bicubic
     # baseline and short trainings only add detail (the diffusion itself is unchanged).
-    "residual": False,
-}
+    residual: bool = False
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+
+DEFAULTS: dict[str, Any] = {**asdict(UpsamplerConfig()), "channels": list(UpsamplerConfig.channels)}
 
 
 def build_config(cfg: dict[str, Any] | None) -> dict[str, Any]:
@@ -51,14 +61,13 @@ def build_config(cfg: dict[str, Any] | None) -> dict[str, Any]:
         raise ValueError(f"unknown upsampler option(s) {unknown}; known: {sorted(DEFAULTS)}")
     out = {**DEFAULTS, **cfg}
     out["channels"] = [int(c) for c in out["channels"]]
+    UpsamplerConfig(**{**out, "channels": tuple(out["channels"])})  # bounds
     out["diffusion"] = DiffusionConfig.from_dict({**DEFAULTS["diffusion"], **dict(out["diffusion"])}).to_dict()
     if out["diffusion"]["learn_variance"]:
         raise ValueError("the upsamplers use a fixed variance (diffusion.learn_variance: false)")
     if out["residual"] and out["diffusion"]["prediction_type"] != "sample":
         raise ValueError("residual: true needs diffusion.prediction_type: sample (the network's "
                          "output is then an image correction, not noise)")
-    if out["sampler"] not in SAMPLERS:
-        raise ValueError(f"unknown sampler {out['sampler']!r}; choose one of {', '.join(SAMPLERS)}")
     if any(c % int(out["norm_num_groups"]) for c in out["channels"]):
         raise ValueError(f"every UNet width in {out['channels']} must be divisible by "
                          f"norm_num_groups={out['norm_num_groups']}")

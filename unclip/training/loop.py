@@ -14,26 +14,35 @@ from typing import Any, Callable, Iterable, Mapping, Protocol
 import torch
 
 from unclip.devices import model_device
+from unclip.options import option, validate
 from unclip.training.parallel import DataParallelProbe, wait_for_main
 from unclip.training.state import EMA, unwrap
 
 log = logging.getLogger("unclip")
 
 
+LR_SCHEDULES = ("constant", "cosine")
+AMP_MODES = ("auto", "bf16", "fp16", "off")
+
+
 @dataclass
 class LoopConfig:
-    total_steps: int = 1000
-    lr: float = 1e-4
-    warmup_steps: int = 100
-    lr_schedule: str = "constant"      # constant | cosine (after warm-up)
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    ema_decay: float = 0.999
-    log_every: int = 20
-    checkpoint_every: int = 200        # steps between resumable checkpoints (every rank reports)
-    eval_every: int = 0                # steps between evaluations on rank 0 (0: only at the end)
-    max_nonfinite_steps: int = 20      # consecutive skipped steps before a clear stop
-    amp: str = "auto"                  # auto (bf16/fp16 on CUDA, off on CPU) | bf16 (CPU too) | fp16 | off
+    total_steps: int = option(1000, ge=1)
+    lr: float = option(1e-4, gt=0)
+    warmup_steps: int = option(100, ge=0)
+    lr_schedule: str = option("constant", choices=LR_SCHEDULES)  # cosine: decay after warm-up
+    weight_decay: float = option(0.0, ge=0)
+    grad_clip: float = option(1.0, gt=0)
+    ema_decay: float = option(0.999, ge=0, le=1)
+    log_every: int = option(20, ge=1)
+    checkpoint_every: int = option(200, ge=1)  # steps between resumable checkpoints (every rank reports)
+    eval_every: int = option(0, ge=0)          # steps between evaluations on rank 0 (0: only at the end)
+    max_nonfinite_steps: int = option(20, ge=1)  # consecutive skipped steps before a clear stop
+    # auto (bf16/fp16 on CUDA, off on CPU) | bf16 (CPU too) | fp16 | off
+    amp: str = option("auto", choices=AMP_MODES)
+
+    def __post_init__(self) -> None:
+        validate(self)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "LoopConfig":
@@ -92,7 +101,7 @@ def autocast_for(device: torch.device, amp: str):
     """Mixed precision where the device supports it. On CPU only when asked for (``bf16``): CPUs
     with AVX-512 BF16 or AMX run the convolutions faster in it (1.2x on the tiny decoder), others
     emulate it (14x slower on an AVX2 EPYC), so ``auto`` stays in float32 on every CPU."""
-    if amp not in ("auto", "bf16", "fp16", "off"):
+    if amp not in AMP_MODES:
         raise ValueError(f"amp must be auto, bf16, fp16 or off, got {amp!r}")
     if device.type == "cpu" and amp == "bf16":
         if not cpu_has_native_bf16():
