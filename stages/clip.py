@@ -69,7 +69,7 @@ def _train(ctx: StageContext) -> StageResult:
     holdout = [row for s in shards for row in iter_decoded(s, size, "holdout", frac)]
     holdout = holdout[: int(c.train.max_holdout)]
     if len(holdout) < 10:
-        raise ValueError(f"clip: only {len(holdout)} held-out samples; raise clip.train.holdout_fraction")
+        raise ValueError(f"clip: only {len(holdout)} held-out samples; raise holdout_fraction")
     if _cache_decoded(ctx, size):
         # decode + resize once; every epoch (and the count) then reads the small images from Ray's
         # object store instead of decoding full-size images again (bench/README.md: CLIP stage)

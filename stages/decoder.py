@@ -73,7 +73,7 @@ def run(ctx: StageContext) -> StageResult:
                          f"({c.train.batch_size} x {c.train.num_workers})")
     if len(holdout["captions"]) < 2:
         raise ValueError(f"decoder: {len(holdout['captions'])} held-out pairs; raise "
-                         "clip.train.holdout_fraction")
+                         "holdout_fraction")
     log.info("decoder: %d training pairs at %d px prepared in %.1f s; %d held out", n_train, size,
              prep_s, len(holdout["captions"]))
     loop_config = {

@@ -57,7 +57,7 @@ def run(ctx: StageContext) -> StageResult:
     holdout = read_holdout(files, frac, int(c.max_holdout))
     if len(holdout["captions"]) < 5:
         raise ValueError(f"prior: only {len(holdout['captions'])} held-out rows; raise "
-                         "clip.train.holdout_fraction")
+                         "holdout_fraction")
     holdout["mean_train_image"] = stats["mean"]
     spec = to_container(c[kind])
     model_cfg = {**spec["model"], "dim": clip.dim, "text_width": clip.text_width,

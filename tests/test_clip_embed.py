@@ -108,10 +108,10 @@ def test_clip_learns(tmp_path, ray_local):
     run_dir = tmp_path / "learn"
     assert main(["stage", "clip", "preset=smoke", f"run_dir={run_dir}", "data.num_samples=480",
                  "clip.train.epochs=8", "clip.train.batch_size=32",
-                 "clip.train.holdout_fraction=0.25"]) == 2  # needs its inputs first
+                 "holdout_fraction=0.25"]) == 2  # needs its inputs first
     assert main(["run", "--until", "clip", "preset=smoke", f"run_dir={run_dir}", "data.num_samples=480",
                  "clip.train.epochs=8", "clip.train.batch_size=32",
-                 "clip.train.holdout_fraction=0.25"]) == 0
+                 "holdout_fraction=0.25"]) == 0
     m = _manifest(run_dir, "clip")["metrics"]
     assert m["val_recall_at_5"] >= 3 * m["val_chance_at_5"], m
     assert m["val_recall_at_1"] >= 3 * m["val_chance_at_1"], m

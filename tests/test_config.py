@@ -233,3 +233,13 @@ def test_an_added_key_counts_in_the_hash_only_once_set():
         assert key.split(".")[-1] in base[stage][key.split(".")[0]]
         changed = load_config(["preset=smoke", f"{stage}.{key}={value}"])
         assert stage_config_hash(g[stage], changed) != stage_config_hash(g[stage], base)
+
+
+def test_the_held_out_split_is_one_top_level_setting():
+    from pipelines.plan.checks import HOLDOUT_KEYS, check
+
+    cfg = load_config(["preset=smoke", "holdout_fraction=0.3"])
+    check(cfg)
+    assert {OmegaConf.select(cfg, k) for k in HOLDOUT_KEYS} == {0.3}
+    with pytest.raises(ConfigError, match=r"decoder.holdout_fraction=0.5 differs from holdout_fraction=0.2"):
+        check(load_config(["preset=smoke", "decoder.holdout_fraction=0.5"]))

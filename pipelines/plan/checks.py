@@ -21,11 +21,24 @@ from unclip.options import bounds_of
 
 def check(cfg: DictConfig) -> None:
     """Raise one :class:`ConfigError` line naming every value out of its range."""
-    problems = list(_bounds(cfg, ""))
+    problems = list(_bounds(cfg, "")) + _holdout_overrides(cfg)
     if not problems:  # the cross-field rules assume each value is in range
         problems = [p for key, rule in _rules(cfg) if (p := _named(key, rule))]
     if problems:
         raise ConfigError("; ".join(problems))
+
+
+HOLDOUT_KEYS = ("clip.train.holdout_fraction", "prior.holdout_fraction", "decoder.holdout_fraction",
+                "upsample1.holdout_fraction", "upsample2.holdout_fraction", "evaluate.holdout_fraction")
+
+
+def _holdout_overrides(cfg: DictConfig) -> list[str]:
+    """Every stage must hold out the same keys: a stage's own holdout_fraction may only follow the
+    top-level one (a different value would train one stage on another's held-out samples)."""
+    top = OmegaConf.select(cfg, "holdout_fraction")
+    return [f"{key}={value} differs from holdout_fraction={top}: set holdout_fraction, the one "
+            f"held-out split of every stage" for key in HOLDOUT_KEYS
+            if (value := OmegaConf.select(cfg, key)) is not None and value != top]
 
 
 def _bounds(node: Any, path: str):

@@ -87,6 +87,10 @@ class Config:
     # Any fsspec URI (local path or s3://bucket/prefix).
     run_dir: str = "runs/${preset_name}"
     seed: int = 0
+    # Share of samples (by key hash) held out of every stage's training: clip's recall@k, the
+    # priors' and the decoder's held-out scores and evaluate all use the same keys. The one place
+    # to set it; each stage's holdout_fraction follows it (setting a stage's own is refused).
+    holdout_fraction: float = option(0.1, gt=0, lt=1)
     pipeline: Pipeline = field(default_factory=Pipeline)
     ray: Ray = field(default_factory=Ray)
     mlflow: Mlflow = field(default_factory=Mlflow)

@@ -63,8 +63,7 @@ class ClipTrain:
     weight_decay: float = option(0.1, ge=0)
     warmup_steps: int = option(50, ge=0)
     grad_clip: float = option(1.0, gt=0)
-    # share of samples (by key hash) held out for recall@k, and by every later stage
-    holdout_fraction: float = option(0.1, gt=0, lt=1)
+    holdout_fraction: float = II("holdout_fraction")  # the run's one held-out split (top level)
     max_holdout: int = option(1000, ge=1)  # cap on held-out samples evaluated
     log_every: int = option(20, ge=1)      # steps between console/MLflow loss lines
     seed: int = II("seed")

@@ -60,7 +60,7 @@ class DecoderStage(derive(DecoderConfig, "DecoderOutput", only=("resolution", "u
     p_drop_clip: float = option(0.1, ge=0, le=1)     # training dropout of z_i, for guidance (the paper: 10%)
     p_drop_caption: float = option(0.5, ge=0, le=1)  # training dropout of the caption (the paper: 50%)
     hflip: bool = False  # random horizontal flips: off, captions say "left" and "right"
-    holdout_fraction: float = II("clip.train.holdout_fraction")  # the same held-out keys in every stage
+    holdout_fraction: float = II("holdout_fraction")  # the same held-out keys in every stage
     register_name: str = DEFAULT_NAMES["decoder"]
     # the champion alias follows this held-out score (val_clip_cosine without ground-truth scenes)
     register_metric: str = "val_object"

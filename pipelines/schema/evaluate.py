@@ -39,7 +39,7 @@ class EvaluateStage:
     decoder_steps: int | None = option(None, ge=1)
     decoder_sampler: str | None = option(None, choices=SAMPLERS)
     upsampler_steps: int | None = option(None, ge=1)  # null: as each upsampler was trained
-    holdout_fraction: float = II("clip.train.holdout_fraction")
+    holdout_fraction: float = II("holdout_fraction")
     # grid.png: one row per prompt, grid_seeds columns. auto draws grid_prompts (shapes captions)
     # where the data has a ground truth and the first grid_rows held-out captions elsewhere;
     # prompts / holdout pick one always. The rows used are listed in evaluate/grid_prompts.txt.

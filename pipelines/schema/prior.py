@@ -91,7 +91,7 @@ class PriorStage:
     kind: str = option("diffusion", choices=KINDS)
     register_name: str = DEFAULT_NAMES["prior"]  # MLflow registered model; champion: best held-out cosine
     # Held-out captions: the CLIP stage's split, so no stage ever trains on another's validation set.
-    holdout_fraction: float = II("clip.train.holdout_fraction")
+    holdout_fraction: float = II("holdout_fraction")
     max_holdout: int = option(1000, ge=1)  # held-out captions sampled for validation (cost: k x steps each)
     cache_text_encodings: bool = True      # keep each caption's CLIP token states per worker (small data)
     cache_data_in_memory: bool = True      # keep a worker's data shard after the first epoch (small data)

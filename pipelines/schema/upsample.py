@@ -61,7 +61,7 @@ class Upsample1Stage:
     sampling: UpsamplerSampling = field(default_factory=UpsamplerSampling)
     train: UpsampleTrain = field(default_factory=UpsampleTrain)
     validation: UpsampleValidation = field(default_factory=UpsampleValidation)
-    holdout_fraction: float = II("clip.train.holdout_fraction")  # the same held-out keys as every stage
+    holdout_fraction: float = II("holdout_fraction")  # the same held-out keys as every stage
     register_name: str = DEFAULT_NAMES["upsampler1"]
 
 
