@@ -158,3 +158,18 @@ def test_ema_follows_its_closed_form():
     frozen = EMA(model, 1.0)
     frozen.update(torch.nn.BatchNorm1d(3))
     torch.testing.assert_close(frozen.model.weight, model.weight)  # decay 1 keeps w_0
+
+
+def test_cpu_workers_leave_a_cpu_to_their_data_input(monkeypatch):
+    """Ray Data plans with what training leaves: 2 workers x 1 CPU on a 2-CPU Ray would leave the
+    prior's lazy read tasks nothing (a stall before step 1), so they share all but one CPU."""
+    import ray
+
+    from stages.training import cpus_per_worker
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    assert cpus_per_worker(2, streams_data=True) == 0.5
+    assert cpus_per_worker(1, streams_data=True) == 1.0
+    assert cpus_per_worker(2, streams_data=False) == 1.0  # nothing to stream: one CPU each
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 64.0})
+    assert cpus_per_worker(8, streams_data=True) == 1.0
