@@ -94,7 +94,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--dims", default="1,2,4,8,16,32", help="comma-separated k values (default: %(default)s)")
     c = sub.add_parser("import-diffusers",
                        help="register a diffusers UnCLIPPipeline folder (Karlo) as this run's models")
-    c.add_argument("source", help="pipeline folder or s3:// prefix (UnCLIPPipeline or UnCLIPImageVariationPipeline)")
+    c.add_argument("source", help="pipeline folder or s3:// prefix: an UnCLIPPipeline (or an "
+                                  "UnCLIPImageVariationPipeline, which brings no prior: the unclip commands "
+                                  "need one, so pass it as --image-encoder beside a text-to-image one)")
     c.add_argument("--image-encoder", metavar="SOURCE", default=None,
                    help="a pipeline folder with image_encoder/ and feature_extractor/ (Karlo's variation "
                         "pipeline), for vary, interpolate and edit")
