@@ -20,6 +20,7 @@ EPILOG = """examples:
   unclip edit a.png --from "a red circle" --to "a blue circle"
   unclip pca-reconstruct a.png --dims 1,2,4,8,16
   unclip batch prompts.txt --seeds 0,1,2 --num-actors 2 --out grid/
+  unclip import-diffusers /models/karlo-v1-alpha --image-encoder /models/karlo-v1-alpha-image-variations --alias karlo
 
 models: --alias candidate uses the latest candidates; --prior/--decoder/... take any
 models:/NAME@ALIAS, models:/NAME/VERSION or checkpoint folder. The store is MLFLOW_TRACKING_URI,
@@ -54,7 +55,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="prior samples per image, the one closest to the caption kept")
     s.add_argument("--decoder-steps", type=int, default=None, help="decoder sampling steps")
     s.add_argument("--upsampler-steps", type=int, default=None, help="upsampler steps")
-    s.add_argument("--sampler", default=None, choices=("ddim", "dpm", "ddpm"), help="decoder sampler")
+    s.add_argument("--sampler", default=None, choices=("ddim", "dpm", "ddpm", "unclip"),
+                   help="decoder sampler (unclip: diffusers' UnCLIPScheduler, imported decoders only)")
     s.add_argument("--eta", type=float, default=None,
                    help="DDIM eta of the decoder (vary: 0.5 from the inverted noise; 0 returns the "
                         "input; larger values vary more)")
@@ -90,7 +92,35 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("pca-reconstruct", parents=[common], help="decodings from the first k PCA components")
     c.add_argument("image")
     c.add_argument("--dims", default="1,2,4,8,16,32", help="comma-separated k values (default: %(default)s)")
+    c = sub.add_parser("import-diffusers",
+                       help="register a diffusers UnCLIPPipeline folder (Karlo) as this run's models")
+    c.add_argument("source", help="pipeline folder or s3:// prefix: an UnCLIPPipeline (or an "
+                                  "UnCLIPImageVariationPipeline, which brings no prior: the unclip commands "
+                                  "need one, so pass it as --image-encoder beside a text-to-image one)")
+    c.add_argument("--image-encoder", metavar="SOURCE", default=None,
+                   help="a pipeline folder with image_encoder/ and feature_extractor/ (Karlo's variation "
+                        "pipeline), for vary, interpolate and edit")
+    c.add_argument("--alias", default="champion", help="alias every imported model gets (default: %(default)s)")
+    c.add_argument("--run-dir", default="runs/tiny",
+                   help="run directory whose MLflow store registers them (default: %(default)s)")
+    c.add_argument("--experiment", default="unclip", help="MLflow experiment of the import run (default: %(default)s)")
     return p
+
+
+def _import(args: argparse.Namespace) -> int:
+    """``unclip import-diffusers``: register the pipeline's models; print their URIs."""
+    from unclip.interop.diffusers_import import import_diffusers
+
+    say = lambda m: print(f"[unclip] {m}", file=sys.stderr)  # noqa: E731
+    try:
+        registered = import_diffusers(args.source, args.run_dir, args.alias, args.image_encoder,
+                                      args.experiment, progress=say)
+    except (LookupError, ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for stage, uri in registered.items():
+        print(f"{stage}\t{uri}\t@{args.alias}")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -101,6 +131,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.filterwarnings("ignore")
     logging.getLogger("mlflow").setLevel(logging.ERROR)
     os.environ.setdefault("TQDM_DISABLE", "1")
+    if args.command == "import-diffusers":
+        return _import(args)
     from unclip.generation import ModelRefs, UnCLIP
     from unclip.generation.images import InputError, grid, read_image, save_pngs
     from unclip.generation.models import default_tracking_uri

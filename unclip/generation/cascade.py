@@ -20,7 +20,7 @@ from unclip.devices import to_numpy
 from unclip.models.decoder_sampling import DecoderSampling, caption_condition, decode, invert
 from unclip.models.prior import PriorSampling
 from unclip.generation.images import InputError, check_prompt, from_pil, to_pil
-from unclip.generation.models import ModelRefs, resolve
+from unclip.generation.models import ModelRefs, load_stage, resolve
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, theta: float) -> torch.Tensor:
@@ -30,6 +30,13 @@ def slerp(a: torch.Tensor, b: torch.Tensor, theta: float) -> torch.Tensor:
     so = torch.sin(omega)
     out = (torch.sin((1 - theta) * omega) / so) * a + (torch.sin(theta * omega) / so) * b
     return F.normalize(out, dim=-1)
+
+
+def slerp_scaled(a: torch.Tensor, b: torch.Tensor, theta: float) -> torch.Tensor:
+    """:func:`slerp` of the directions, with the norm interpolated linearly: for models that read
+    raw (not unit-norm) CLIP embeddings, whose norm carries information."""
+    na, nb = a.float().norm(dim=-1, keepdim=True), b.float().norm(dim=-1, keepdim=True)
+    return slerp(a, b, theta) * ((1 - theta) * na + theta * nb)
 
 
 # DDIM eta of variations from the inverted x_T (0 gives the input back; see README "Variations").
@@ -76,8 +83,6 @@ class UnCLIP:
     def __init__(self, refs: ModelRefs, device: str | None = None,
                  progress: Callable[[str], None] | None = None):
         from unclip.models.clip import load_clip
-        from unclip.models.decoder import load_decoder
-        from unclip.models.prior import load_prior
 
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.refs = refs
@@ -87,37 +92,51 @@ class UnCLIP:
         self.clip.model.to(self.device)
         self._say(f"loading prior {refs.prior}")
         prior_folder = resolve(refs.prior)
-        self.prior = load_prior(prior_folder).to(self.device)
+        self.prior = load_stage(prior_folder, "prior").to(self.device)
         self._say(f"loading decoder {refs.decoder}")
         decoder_folder = resolve(refs.decoder)
-        self.decoder = load_decoder(decoder_folder).to(self.device)
+        self.decoder = load_stage(decoder_folder, "decoder").to(self.device)
+        from unclip.interop.karlo_models import KarloDecoder  # torch and diffusers only
+
+        # imported (diffusers) models: own sampling loops, and raw rather than unit CLIP embeddings
+        self.imported = isinstance(self.decoder, KarloDecoder)
+        self.raw = bool(getattr(self.decoder, "raw_embeddings", False))
         # "as trained": what each stage validated with, the defaults of every Settings field
         self.trained = {"prior": trained_sampling(prior_folder, "prior"),
                         "decoder": trained_sampling(decoder_folder, "decoder")}
         self.upsamplers = []
         for ref in (refs.upsampler1, refs.upsampler2):
+            if ref and self.upsamplers and getattr(self.upsamplers[-1], "final", False):
+                self._say(f"the upsampler before {ref} ends its cascade (an imported one): not loaded")
+                break
             if ref:
-                from unclip.models.upsampler import Upsampler
-
                 self._say(f"loading upsampler {ref}")
-                self.upsamplers.append(Upsampler.from_checkpoint(resolve(ref)).to(self.device))
+                self.upsamplers.append(load_stage(resolve(ref), "upsampler").to(self.device))
         self._pca = None
 
     # ---- building blocks ----------------------------------------------------------------------
 
     @property
     def resolution(self) -> int:
-        return int(self.decoder.cfg.resolution)
+        return int(self.decoder.resolution)
 
     def encode_text(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(z_t (B, D) unit-norm, token states (B, L, W), token mask (B, L))."""
+        """(z_t (B, D) unit-norm (raw for imported models), token states (B, L, W), token mask
+        (B, L)). Each distinct prompt is encoded once and repeated, as diffusers' pipelines do for
+        ``num_images_per_prompt``: the same numbers whatever the batch (float sums depend on it)."""
         prompts = [check_prompt(p) for p in prompts]
-        z_t, states, mask = self.clip.encode_text_tokens(prompts)
-        return (torch.from_numpy(z_t).to(self.device), torch.from_numpy(states).to(self.device),
-                torch.from_numpy(mask).to(self.device))
+        distinct = list(dict.fromkeys(prompts))
+        index = torch.tensor([distinct.index(p) for p in prompts])
+        encoded = self.clip.encode_text_tokens(distinct, normalize=not self.raw)
+        z_t, states, mask = (torch.from_numpy(v)[index].to(self.device) for v in encoded)
+        return z_t, states, mask
 
     def encode_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        return torch.from_numpy(self.clip.encode_images(list(images))).to(self.device)
+        """CLIP image embeddings, unit-norm (raw for imported models that read them raw)."""
+        return torch.from_numpy(self.clip.encode_images(list(images), normalize=not self.raw)).to(self.device)
+
+    def _slerp(self, a: torch.Tensor, b: torch.Tensor, theta: float) -> torch.Tensor:
+        return slerp_scaled(a, b, theta) if self.raw else slerp(a, b, theta)
 
     def resolve(self, s: Settings | None = None, inverted: bool = False) -> Settings:
         """``s`` with every ``None`` replaced by the value the models were trained with."""
@@ -138,13 +157,13 @@ class UnCLIP:
 
     def prior_sample(self, prompts: Sequence[str], s: Settings | None = None,
                      generator: torch.Generator | None = None) -> torch.Tensor:
-        from unclip.models.prior import DiffusionPrior
+        from unclip.models.ar_prior import ARPrior
 
         s = self.resolve(s)
         z_t, states, mask = self.encode_text(prompts)
         kwargs = dict(guidance_scale=s.prior_guidance, num_candidates=s.prior_candidates,
                       generator=generator)
-        if isinstance(self.prior, DiffusionPrior):
+        if not isinstance(self.prior, ARPrior):  # diffusion priors, ours or imported
             kwargs.update(steps=s.prior_steps, sampler=s.prior_sampler)
         else:  # the AR prior's own recorded options (temperature, similarity quantile)
             for key in ("temperature", "sim_quantile"):
@@ -160,6 +179,13 @@ class UnCLIP:
         """Decoder samples (B, 3, R, R) in [-1, 1] for image embeddings (and captions); ``inverted``
         says ``x_T`` came from :meth:`invert`."""
         s = self.resolve(s, inverted)
+        if self.imported:  # its own loop (the ``unclip`` sampler) or ours, on its conditioning
+            text = None if prompts is None else self.encode_text(prompts)
+            return self.decoder.decode(z_i, text, s.decoder_guidance, s.decoder_sampler, s.decoder_steps,
+                                       generator=generator, x_T=x_T, eta=s.decoder_eta)
+        if s.decoder_sampler == "unclip":
+            raise InputError("the unclip sampler is diffusers' UnCLIPScheduler, for imported decoders "
+                             "only (unclip import-diffusers); this decoder samples with ddim, dpm or ddpm")
         text = None
         if prompts is not None and self.decoder.cfg.use_caption:
             text = caption_condition(self.clip, [check_prompt(p) for p in prompts])
@@ -170,8 +196,10 @@ class UnCLIP:
     def invert(self, images: Sequence[Image.Image], z_i: torch.Tensor, s: Settings) -> torch.Tensor:
         """DDIM-inverted decoder noise x_T of images (unguided), conditioned on their own
         embeddings, for the steps that will decode it."""
-        return invert(self.decoder, from_pil(images, self.resolution), z_i, None,
-                      self.resolve(s).decoder_steps)
+        x = from_pil(images, self.resolution)
+        if self.imported:
+            return self.decoder.invert(x, z_i, self.resolve(s).decoder_steps)
+        return invert(self.decoder, x, z_i, None, self.resolve(s).decoder_steps)
 
     @torch.no_grad()
     def upsample(self, base: torch.Tensor, s: Settings,
@@ -231,7 +259,7 @@ class UnCLIP:
         g = torch.Generator().manual_seed(seed)
         z = self.encode_images([image_a, image_b])
         thetas = np.linspace(0, 1, frames)
-        zs = torch.cat([slerp(z[:1], z[1:], float(th)) for th in thetas])
+        zs = torch.cat([self._slerp(z[:1], z[1:], float(th)) for th in thetas])
         shape = (1, 3, self.resolution, self.resolution)
         if noise == "fixed":
             x_T = torch.randn(shape, generator=g).repeat(frames, 1, 1, 1)
@@ -251,12 +279,16 @@ class UnCLIP:
         s = replace(settings or Settings(), decoder_sampler="ddim")
         z_src, _, _ = self.encode_text([source])
         z_tgt, _, _ = self.encode_text([target])
+        if self.raw:  # the paper's difference is between unit embeddings
+            z_src, z_tgt = F.normalize(z_src, dim=-1), F.normalize(z_tgt, dim=-1)
         z_d = F.normalize(z_tgt - z_src, dim=-1)
         if not torch.isfinite(z_d).all() or (z_tgt - z_src).norm() < 1e-6:
             raise InputError("--from and --to give the same CLIP embedding: nothing to edit")
         z_i = self.encode_images([image])
         x_T = self.invert([image], z_i, s).repeat(frames, 1, 1, 1)
-        zs = torch.cat([slerp(z_i, z_d, float(th)) for th in np.linspace(0, max_theta, frames)])
+        if self.raw:  # raw embeddings: the direction moves, the image's own norm stays
+            z_d = z_d * z_i.norm(dim=-1, keepdim=True)
+        zs = torch.cat([self._slerp(z_i, z_d, float(th)) for th in np.linspace(0, max_theta, frames)])
         g = torch.Generator().manual_seed(seed)
         return self._finish(self.decode(zs, None, s, g, x_T=x_T, inverted=True), s, g)
 

@@ -46,3 +46,31 @@ def resolve(uri: str) -> str:
     if not storage.exists(storage.join(folder, checkpoint.CONFIG)):
         raise LookupError(f"{uri}: no unclip checkpoint there (no {checkpoint.CONFIG})")
     return folder
+
+
+def load_stage(folder: str, stage: str):
+    """The model of ``stage`` (prior, decoder, upsampler) in a checkpoint folder, ours or imported:
+    the ``kind`` in its config.json says which class loads it (imported diffusers models are
+    adapters in :mod:`unclip.interop.karlo_models`, loaded only when a folder holds one)."""
+    from unclip import checkpoint
+
+    kind = checkpoint.read_config(folder).get("kind")
+    if str(kind).startswith("diffusers_unclip_"):
+        from unclip.interop.karlo_models import LOADERS, STAGE_KINDS
+
+        if STAGE_KINDS.get(stage) != kind:
+            raise checkpoint.CheckpointError(f"{folder}: holds an imported {kind!r}, not a {stage}")
+        return LOADERS[kind](folder)
+    if stage == "prior":
+        from unclip.models.prior import load_prior
+
+        return load_prior(folder)
+    if stage == "decoder":
+        from unclip.models.decoder import load_decoder
+
+        return load_decoder(folder)
+    if stage == "upsampler":
+        from unclip.models.upsampler import Upsampler
+
+        return Upsampler.from_checkpoint(folder)
+    raise ValueError(f"unknown stage {stage!r}")

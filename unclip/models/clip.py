@@ -6,7 +6,9 @@ Sources, in the order a user reaches for them:
   * a weights file (local path or ``s3://``) with an architecture name, loaded weights-only;
   * an unclip checkpoint folder (safetensors + JSON config), e.g. the one the ``clip`` stage trains;
   * ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` from the MLflow registry;
-  * a custom architecture dict (``embed_dim``, ``vision_cfg``, ``text_cfg``) to train from scratch.
+  * a custom architecture dict (``embed_dim``, ``vision_cfg``, ``text_cfg``) to train from scratch;
+  * a transformers CLIP imported by ``unclip import-diffusers`` (a checkpoint folder whose config
+    says ``backend: transformers``), served by :mod:`unclip.interop.hf_clip`.
 
 The ``clip`` stage resolves the configured source once and writes what it used (architecture,
 source, pinned registry version, weights digest, dimensions) as a *reference folder*: a
@@ -95,10 +97,12 @@ class ClipEncoder:
         return self
 
     @torch.no_grad()
-    def encode_images(self, images: Sequence[Image.Image] | torch.Tensor) -> np.ndarray:
+    def encode_images(self, images: Sequence[Image.Image] | torch.Tensor,
+                      normalize: bool = True) -> np.ndarray:
         x = images if isinstance(images, torch.Tensor) else self.image_tensor(images)
         x = to_device(x, self.device, _float_dtype(self.model))
-        return to_numpy(F.normalize(self.model.encode_image(x).float(), dim=-1))
+        z = self.model.encode_image(x).float()
+        return to_numpy(F.normalize(z, dim=-1) if normalize else z)
 
     @torch.no_grad()
     def encode_text(self, captions: Sequence[str]) -> np.ndarray:
@@ -106,10 +110,12 @@ class ClipEncoder:
         return to_numpy(F.normalize(z.float(), dim=-1))
 
     @torch.no_grad()
-    def encode_text_tokens(self, captions: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(pooled L2-normalized embedding, per-token final states [B, L, W], token mask [B, L])."""
+    def encode_text_tokens(self, captions: Sequence[str], normalize: bool = True
+                           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(pooled embedding, L2-normalized unless ``normalize`` is False, per-token final states
+        [B, L, W], token mask [B, L])."""
         tokens = to_device(self.tokenize(captions), self.device)
-        return tuple(to_numpy(t) for t in text_tokens(self.model, tokens))
+        return tuple(to_numpy(t) for t in text_tokens(self.model, tokens, normalize))
 
     def save(self, folder: str, extra: dict[str, Any] | None = None) -> None:
         if self.model_cfg is None:
@@ -147,7 +153,8 @@ def _version() -> str:
     return __version__
 
 
-def text_tokens(model: torch.nn.Module, tokens: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def text_tokens(model: torch.nn.Module, tokens: torch.Tensor,
+                normalize: bool = True) -> tuple[torch.Tensor, ...]:
     """open_clip's ``encode_text`` stopped before pooling, so the token states are kept too."""
     from open_clip.transformer import text_global_pool
 
@@ -162,7 +169,7 @@ def text_tokens(model: torch.nn.Module, tokens: torch.Tensor) -> tuple[torch.Ten
     # causal text tower: positions after the end-of-text token carry nothing the caption said
     eot = tokens.argmax(dim=-1, keepdim=True)
     mask = torch.arange(tokens.shape[1], device=tokens.device)[None, :] <= eot
-    return F.normalize(pooled.float(), dim=-1), x.float(), mask
+    return (F.normalize(pooled.float(), dim=-1) if normalize else pooled.float()), x.float(), mask
 
 
 _CHUNK = 1 << 22
@@ -286,6 +293,10 @@ def load_clip(source: str, arch: str | None = None) -> ClipEncoder:
         meta = checkpoint.read_config(source, KIND)
         if meta.get("reference"):
             return _load_reference(source, meta["reference"])
+        if (meta.get("config") or {}).get("backend") == "transformers":
+            from unclip.interop.hf_clip import load_hf_clip  # imported CLIPs (import-diffusers)
+
+            return load_hf_clip(source)
         state, meta = checkpoint.load(source, KIND)
         model = create_custom(meta["config"])
         checkpoint.load_into(model, state, source, "CLIP")

@@ -151,6 +151,10 @@ class Decoder(nn.Module):
     def out_channels(self) -> int:
         return 6 if self.cfg.learn_variance else 3
 
+    @property
+    def resolution(self) -> int:
+        return int(self.cfg.resolution)
+
     def context(self, image_embed: torch.Tensor, text_states: torch.Tensor | None,
                 text_mask: torch.Tensor | None, drop_clip: torch.Tensor | None,
                 drop_caption: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

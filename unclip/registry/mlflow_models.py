@@ -36,8 +36,13 @@ def _local_copy(folder: str, into: str) -> str:
 
 
 def register_checkpoint(folder: str, name: str, metric: float | None = None,
-                        higher_is_better: bool = True) -> tuple[str, str]:
-    """Log ``folder`` as a model version of ``name`` in the active run; returns (version, alias)."""
+                        higher_is_better: bool = True, alias: str | None = None,
+                        tags: dict[str, str] | None = None) -> tuple[str, str]:
+    """Log ``folder`` as a model version of ``name`` in the active run; returns (version, alias).
+
+    ``alias`` given: the new version takes it whatever the metrics (imported models, which have
+    none, go where they are asked to); otherwise champion or candidate as described above.
+    ``tags`` are set on the new version."""
     import mlflow
     from mlflow import MlflowClient
 
@@ -57,6 +62,11 @@ def register_checkpoint(folder: str, name: str, metric: float | None = None,
     client = MlflowClient()
     if metric is not None:
         client.set_model_version_tag(name, version, METRIC_TAG, str(metric))
+    for key, value in (tags or {}).items():
+        client.set_model_version_tag(name, version, key, str(value))
+    if alias is not None:
+        client.set_registered_model_alias(name, alias, version)
+        return version, alias
     alias = CHAMPION
     try:
         champ = client.get_model_version_by_alias(name, CHAMPION)
