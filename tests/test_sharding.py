@@ -399,3 +399,21 @@ def test_sharding_needs_a_process_group_and_a_known_strategy():
     assert isinstance(sharding.shard(torch.nn.Linear(2, 2), "ddp"), torch.nn.Linear)  # one process
     assert not sharding.is_sharded(torch.nn.Linear(2, 2))
 
+
+def test_parallel_and_activation_checkpointing_are_operational_options():
+    """Every training stage but CLIP takes them; default ddp, off; a bad value fails composing; set,
+    they leave the stage's hash (and so its checkpoint name) as it was."""
+    from pipelines.config import ConfigError, load_config
+    from pipelines.graph import Graph
+    from pipelines.plan.checks import check
+    from pipelines.status import stage_config_hash
+
+    g = Graph()
+    base = load_config(["preset=smoke"])
+    for stage in ("prior", "decoder", "upsample1", "upsample2"):
+        assert base[stage].train.parallel == "ddp" and base[stage].train.activation_checkpointing is False
+        changed = load_config(["preset=smoke", f"{stage}.train.parallel=fsdp",
+                               f"{stage}.train.activation_checkpointing=true"])
+        assert stage_config_hash(g[stage], changed) == stage_config_hash(g[stage], base)
+    with pytest.raises(ConfigError, match=r"decoder\.train\.parallel"):
+        check(load_config(["decoder.train.parallel=zero3"]))
