@@ -203,6 +203,7 @@ FSDP, so all ranks see the same norm); too many in a row
                         with autocast:
                             evaluated = evaluate(ema_model, step)
                         session.log(evaluated, step)
+                    del ema_model  # a gathered copy is freed before training goes on
                 wait_for_main(timeout_s, "evaluation")
             if step % cfg.checkpoint_every == 0 and step != cfg.total_steps:
                 meta = {"step": step, "epoch": epoch}
