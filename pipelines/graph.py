@@ -56,7 +56,10 @@ def _resolve(ref: str) -> Callable:
     return getattr(importlib.import_module(module), func)
 
 
-_TRAINING = ("train.log_every", "train.checkpoint_every")
+# cadence, and how the model is spread over the workers (the same maths under DDP and FSDP, with or
+# without activations recomputed): a change resumes the same training
+_TRAINING = ("train.log_every", "train.checkpoint_every", "train.parallel",
+             "train.activation_checkpointing")
 
 STAGES: tuple[StageSpec, ...] = (
     StageSpec("data", (), ("data",), "stages.data:run",

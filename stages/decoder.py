@@ -195,12 +195,12 @@ def publish_grid(config: dict[str, Any]):
 def train_loop(config: dict[str, Any]) -> None:
     """One Ray Train worker: the decoder's hybrid diffusion loss with guidance dropouts."""
     import ray.train
-    import ray.train.torch
 
     from unclip.models.clip import load_clip
     from unclip.models.decoder_sampling import from_uint8
     from unclip.training import loop
-    from unclip.training.state import EMA, unwrap
+    from unclip.training.sharding import make_ema
+    from unclip.training.state import unwrap
 
     t = config["train"]
     torch.set_num_threads(training.worker_threads(t.get("torch_threads")))
@@ -216,12 +216,12 @@ def train_loop(config: dict[str, Any]) -> None:
     clip.model.requires_grad_(False)
     model = Decoder(DecoderConfig.from_dict(config["model"]),
                     DiffusionConfig.from_dict(config["diffusion"]))
-    model = ray.train.torch.prepare_model(model)
+    model = training.prepare(model, t)  # DDP or FSDP (train.parallel)
     device = model_device(model)
     clip.to(device)
     cfg = loop.LoopConfig.from_dict({**t, "eval_every": int(config["eval"]["grid_every"])})
     opt = loop.make_optimizer(model, cfg)
-    ema = EMA(unwrap(model), cfg.ema_decay)
+    ema = make_ema(model, cfg.ema_decay)  # sharded like the model under FSDP
     meta = session.restore(model, opt, ema)
     start_step, start_epoch = int(meta.get("step", 0)), int(meta.get("epoch", -1)) + 1
     gd = GaussianDiffusion(unwrap(model).diffusion)

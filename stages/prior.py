@@ -32,6 +32,7 @@ from unclip.models.clip import load_clip
 from unclip.models.prior import resolve_embed_scale
 from unclip.registry import register_checkpoint
 from unclip.training.loop import LoopConfig, make_optimizer, train
+from unclip.training.sharding import make_ema
 from unclip.training.state import EMA, unwrap
 
 log = logging.getLogger("unclip")
@@ -152,7 +153,7 @@ def _epochs_from_shard(shard, batch_size: int, seed: int, in_memory: bool):
 
 
 def train_loop(config: dict[str, Any]) -> None:
-    """One Ray Train worker: build -> prepare_model -> optimizer -> EMA -> restore -> loop.train."""
+    """One Ray Train worker: build -> prepare (DDP or FSDP) -> optimizer -> EMA -> restore -> loop.train."""
     import mlflow
     import ray.train
     import ray.train.torch
@@ -167,13 +168,13 @@ def train_loop(config: dict[str, Any]) -> None:
                              cache=config["cache_text_encodings"])
     sim_edges = None if config["sim_edges"] is None else np.asarray(config["sim_edges"])
     model = build_model(kind, config["model"], config["pca"], sim_edges)
-    model = ray.train.torch.prepare_model(model)
+    model = training.prepare(model, t)
     loop_cfg = LoopConfig.from_dict({**t, "lr": o["lr"], "weight_decay": o["weight_decay"],
                                      "ema_decay": o["ema_decay"]})
     opt = make_optimizer(model, loop_cfg)
     for g in opt.param_groups:  # the paper's Adam settings differ per prior (Table 3)
         g["betas"], g["eps"] = (0.9, float(o["adam_beta2"])), float(o["adam_eps"])
-    ema = EMA(unwrap(model), loop_cfg.ema_decay)
+    ema = make_ema(model, loop_cfg.ema_decay)  # sharded like the model under FSDP
     meta = session.restore(model, opt, ema)
     batches = _epochs_from_shard(ray.train.get_dataset_shard("train"), int(t["batch_size"]),
                                  int(t["seed"]) + 1000 * session.rank, config["cache_data_in_memory"])

@@ -19,7 +19,9 @@ import torch
 
 from stages.contract import StageContext
 from unclip import storage
-from unclip.training.state import STATE_META, STATE_WEIGHTS, EMA, load_state, save_state, unwrap
+from unclip.training import sharding
+from unclip.training.state import (STATE_META, STATE_WEIGHTS, EMA, load_state, state_tensors, unwrap,
+                                   write_state)
 
 log = logging.getLogger("unclip")
 
@@ -194,6 +196,26 @@ def checkpoint_root(ctx: StageContext) -> str:
 # ---- inside the training workers -------------------------------------------------------------
 
 
+def prepare(model: torch.nn.Module, train: dict[str, Any]) -> torch.nn.Module:
+    """The model of one Ray Train worker, on its device, as ``train.parallel`` says: ``ddp`` (Ray
+    Train's ``prepare_model``: a replica per worker) or ``fsdp`` (sharded per block,
+    :mod:`unclip.training.sharding`); with ``train.activation_checkpointing``, its blocks recompute
+    their activations in the backward pass. Build the optimizer and the EMA
+    (:func:`unclip.training.sharding.make_ema`) from what this returns."""
+    import ray.train.torch
+
+    opts = sharding.ShardingConfig(parallel=str(train.get("parallel") or "ddp"),
+                                   activation_checkpointing=bool(train.get("activation_checkpointing")))
+    if opts.activation_checkpointing:
+        sharding.set_activation_checkpointing(model)
+    if opts.parallel == "ddp":
+        return ray.train.torch.prepare_model(model)
+    device = ray.train.torch.get_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # the device mesh is built on the current device
+    return sharding.shard(model.to(device), "fsdp")
+
+
 class WorkerSession:
     """Rank, resume, periodic checkpoint + metrics reporting and MLflow logging from rank 0."""
 
@@ -218,6 +240,7 @@ class WorkerSession:
     def restore(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
                 ema: EMA | None) -> dict[str, Any]:
         """Load the latest checkpoint if there is one; returns its meta ({} for a fresh run).
+        Every rank loads it (a sharded model keeps its own shards of the full tensors).
 
         Ray Train hands back the last checkpoint its controller *registered*; one persisted just
         before a worker died can be missing from that list (the controller polls reports), so the
@@ -271,16 +294,21 @@ class WorkerSession:
     def report(self, metrics: dict[str, float], model: torch.nn.Module,
                optimizer: torch.optim.Optimizer | None, ema: EMA | None, meta: dict[str, Any],
                checkpoint: bool = True) -> None:
-        """A barrier on every rank; rank 0 attaches the training state as a checkpoint."""
+        """A barrier on every rank; rank 0 attaches the training state as a checkpoint (full
+        tensors: a sharded model's are gathered first, every rank taking part)."""
         import ray.train
         from ray.train import Checkpoint
 
-        if checkpoint and self.is_main:
-            with tempfile.TemporaryDirectory() as d:
-                save_state(d, unwrap(model), optimizer, ema, {**meta, "metrics": metrics})
-                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
-        else:
-            ray.train.report(metrics)
+        if checkpoint and (self.is_main or sharding.is_sharded(model)):
+            tensors, opt_meta = state_tensors(unwrap(model), optimizer, ema)
+            if self.is_main:
+                with tempfile.TemporaryDirectory() as d:
+                    write_state(d, tensors, opt_meta, {**meta, "metrics": metrics})
+                    del tensors
+                    ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
+                return
+            del tensors
+        ray.train.report(metrics)
 
 
 def latest_persisted(folder: str | None) -> tuple[int, str | None]:

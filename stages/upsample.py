@@ -30,6 +30,7 @@ from unclip.diffusion import GaussianDiffusion
 from unclip.models.upsampler import Upsampler, build_config
 from unclip.registry import register_checkpoint
 from unclip.training.loop import LoopConfig, make_optimizer, train
+from unclip.training.sharding import make_ema
 from unclip.training.state import EMA
 from unclip.training.upsampler import CropBatches, crop_each, make_step_loss
 
@@ -167,17 +168,16 @@ def _streaming(shard, config: dict[str, Any], rank: int):
 def train_loop(config: dict[str, Any]) -> None:
     """One Ray Train worker: conv-only UNet, crops, EMA, resume; rank 0 validates at full size."""
     import ray.train
-    import ray.train.torch
 
     from unclip.eval.upsampling import validate
 
     t, v = config["train"], config["validation"]
     session = training.WorkerSession(config)
     training.seed_everything(int(t["seed"]) + session.rank)
-    model = ray.train.torch.prepare_model(Upsampler(config["model"]))
+    model = training.prepare(Upsampler(config["model"]), t)  # DDP or FSDP (train.parallel)
     loop_cfg = LoopConfig.from_dict(t)
     opt = make_optimizer(model, loop_cfg)
-    ema = EMA(training.unwrap(model), loop_cfg.ema_decay)
+    ema = make_ema(model, loop_cfg.ema_decay)
     meta = session.restore(model, opt, ema)
     shard = ray.train.get_dataset_shard("train")
     if t["cache_images"]:

@@ -119,8 +119,8 @@ def format_plan(plan: Plan) -> str:
         "training memory per GPU (fp32: weights 4 + grads 4 + AdamW moments 8 + EMA 4 bytes per "
         "parameter; activations not included; 1 GB = 1e9 bytes):",
         _table(memory_rows),
-        "DDP keeps everything on every GPU; FSDP shards weights, grads, moments and EMA over the "
-        "stage's num_workers. The frozen CLIP (fp32, not sharded) sits on every GPU of the prior and "
+        "DDP keeps everything on every GPU; FSDP (train.parallel=fsdp) shards weights, grads, "
+        "moments and EMA over the stage's num_workers. The frozen CLIP (fp32, not sharded) sits on every GPU of the prior and "
         "decoder stages. A prior row marked 'not trained' shows prior.train's figures for the other kind.",
     ])
 

@@ -8,13 +8,14 @@ from dataclasses import dataclass, field
 
 from omegaconf import II
 
-from pipelines.schema.derive import Seed, combine, derive
+from pipelines.schema.derive import SHARDING, Seed, combine, derive
 from unclip.diffusion.config import DiffusionConfig
 from unclip.generation.models import DEFAULT_NAMES
 from unclip.models.decoder import DecoderConfig
 from unclip.models.decoder_sampling import DecoderSampling
 from unclip.options import option
 from unclip.training.loop import LoopConfig
+from unclip.training.sharding import ShardingConfig
 
 # The UNet's options; the stage sets resolution and use_caption from its own keys, learn_variance
 # from diffusion.learn_variance and the CLIP widths from the CLIP it loads.
@@ -35,8 +36,9 @@ class _Workers:
 
 
 DecoderTrain = combine("DecoderTrain", _Workers, derive(LoopConfig, "DecoderLoop", exclude=("eval_every",)),
-                       Seed, doc="Data parallelism and the shared loop's options (evaluation "
-                                 "follows eval.grid_every).")
+                       Seed, derive(ShardingConfig, "DecoderSharding", added=SHARDING),
+                       doc="Data parallelism and the shared loop's options (evaluation "
+                           "follows eval.grid_every).")
 
 
 @dataclass

@@ -13,6 +13,9 @@ from omegaconf import II, DictConfig, OmegaConf
 # Metadata of a field the schema added to a stage subtree that existed before it: left out of the
 # stage's config hash while at its default, so a run directory written before still resumes.
 ADDED = "pipelines.added"
+# unclip.training.sharding.ShardingConfig's keys in every training stage's ``train``: added after
+# the schema, and operational (pipelines.graph) as well, since neither changes the result.
+SHARDING = ("parallel", "activation_checkpointing")
 
 
 def derive(cls: type, name: str, *, exclude: Iterable[str] = (), only: Iterable[str] | None = None,

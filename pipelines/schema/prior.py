@@ -8,7 +8,7 @@ from typing import Any
 
 from omegaconf import II
 
-from pipelines.schema.derive import Seed, combine, derive
+from pipelines.schema.derive import SHARDING, Seed, combine, derive
 from unclip.diffusion.config import DiffusionConfig
 from unclip.generation.models import DEFAULT_NAMES
 from unclip.models.ar_prior import ARPriorConfig, ARPriorSampling
@@ -16,6 +16,7 @@ from unclip.models.prior import PriorConfig, PriorSampling
 from unclip.models.priors import KINDS
 from unclip.options import option
 from unclip.training.loop import LoopConfig
+from unclip.training.sharding import ShardingConfig
 
 
 # The model options a user sets; the stage sets the rest from the CLIP it loads (dim, text width,
@@ -83,6 +84,7 @@ class _Workers:
 PriorTrain = combine("PriorTrain", _Workers,
                      derive(LoopConfig, "PriorLoop", exclude=("lr", "weight_decay", "ema_decay"),
                             added=("max_nonfinite_steps",)), Seed,
+                     derive(ShardingConfig, "PriorSharding", added=SHARDING),
                      doc="The shared loop's options (lr, weight decay and EMA: each kind's optim).")
 
 

@@ -9,13 +9,14 @@ from dataclasses import dataclass, field
 
 from omegaconf import II
 
-from pipelines.schema.derive import Seed, combine, derive
+from pipelines.schema.derive import SHARDING, Seed, combine, derive
 from unclip.data.degradations import BlurConfig, BSRConfig
 from unclip.diffusion.config import DiffusionConfig
 from unclip.generation.models import DEFAULT_NAMES
 from unclip.models.upsampler import UpsamplerConfig
 from unclip.options import option
 from unclip.training.loop import LoopConfig
+from unclip.training.sharding import ShardingConfig
 
 # The UNet's options (conv-only, no attention anywhere); the stage sets scale, kind, the diffusion
 # and the sampling from its own keys.
@@ -38,6 +39,7 @@ class _Workers:
 
 
 UpsampleTrain = combine("UpsampleTrain", _Workers, derive(LoopConfig, "UpsamplerLoop"), Seed,
+                        derive(ShardingConfig, "UpsamplerSharding", added=SHARDING),
                         doc="The data, the workers and the shared loop's options.")
 
 

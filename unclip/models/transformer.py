@@ -17,6 +17,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 def check_heads(width: int, heads: int) -> None:
@@ -121,6 +122,9 @@ class CausalTransformer(nn.Module):
         super().__init__()
         self.blocks = nn.ModuleList(Block(width, heads, dropout=dropout) for _ in range(layers))
         self.ln = nn.LayerNorm(width)
+        # activation checkpointing (unclip.training.sharding.set_activation_checkpointing): each
+        # block's activations recomputed in the backward pass; not part of the model's config
+        self.checkpointing = False
 
     def forward(self, x: torch.Tensor, key_valid: torch.Tensor | None = None,
                 cache: KVCache | None = None) -> torch.Tensor:
@@ -132,8 +136,12 @@ class CausalTransformer(nn.Module):
                 key_valid = torch.ones(b, s, dtype=torch.bool, device=x.device)
             key_valid = cache.append_valid(key_valid)
         mask = attention_mask(start, s, key_valid, x.device)
+        recompute = self.checkpointing and cache is None and torch.is_grad_enabled()
         for i, blk in enumerate(self.blocks):
-            x = blk(x, mask, cache, i)
+            if recompute:  # non-reentrant: works with FSDP's hooks and inputs without grad
+                x = checkpoint(blk, x, mask, use_reentrant=False)
+            else:
+                x = blk(x, mask, cache, i)
         if cache is not None:
             cache.length = start + s
         return self.ln(x)

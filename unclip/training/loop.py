@@ -16,6 +16,7 @@ import torch
 from unclip.devices import model_device
 from unclip.options import option, validate
 from unclip.training.parallel import DataParallelProbe, wait_for_main
+from unclip.training.sharding import full_tensor
 from unclip.training.state import EMA, unwrap
 
 log = logging.getLogger("unclip")
@@ -126,9 +127,11 @@ def train(session: Session, model: torch.nn.Module, optimizer: torch.optim.Optim
 
     ``batches(epoch)`` yields one epoch of batches; ``step_loss(model, batch)`` returns a dict with
     a scalar ``loss`` (and any other scalars to log). A non-finite loss or gradient skips the step on
-    every rank alike (gradients are all-reduced, so all ranks see the same norm); too many in a row
+    every rank alike (gradients are all-reduced, or reduce-scattered and the norm all-reduced under
+FSDP, so all ranks see the same norm); too many in a row
     stop training with a clear error, the last checkpoint kept. Evaluation runs on rank 0 under
-    the training autocast while the other ranks wait at a barrier bounded by ``session.collective_timeout_s``.
+    the training autocast while the other ranks wait at a barrier bounded by ``session.collective_timeout_s``
+    (a sharded EMA is first gathered into a plain module on rank 0, every rank taking part).
     ``generator`` (the one ``step_loss`` draws noise from; None: torch's default) feeds the
     data-parallel probe's ``dp_*`` metrics (:mod:`unclip.training.parallel`).
     """
@@ -156,7 +159,7 @@ def train(session: Session, model: torch.nn.Module, optimizer: torch.optim.Optim
             (scaler.scale(loss) if scaler else loss).backward()
             if scaler:
                 scaler.unscale_(optimizer)
-            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            norm = full_tensor(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
             if not (torch.isfinite(loss) and torch.isfinite(norm)):
                 bad += 1
                 optimizer.zero_grad(set_to_none=True)
@@ -195,10 +198,12 @@ def train(session: Session, model: torch.nn.Module, optimizer: torch.optim.Optim
             evaluated = {}
             if evaluate is not None and cfg.eval_every and step % cfg.eval_every == 0 \
                     and step != cfg.total_steps:
-                if session.is_main:
-                    with autocast:
-                        evaluated = evaluate(ema.model, step)
-                    session.log(evaluated, step)
+                with ema.gathered() as ema_model:  # a sharded EMA: gathered on rank 0
+                    if session.is_main:
+                        with autocast:
+                            evaluated = evaluate(ema_model, step)
+                        session.log(evaluated, step)
+                    del ema_model  # a gathered copy is freed before training goes on
                 wait_for_main(timeout_s, "evaluation")
             if step % cfg.checkpoint_every == 0 and step != cfg.total_steps:
                 meta = {"step": step, "epoch": epoch}
@@ -208,11 +213,12 @@ def train(session: Session, model: torch.nn.Module, optimizer: torch.optim.Optim
     final = {**metrics, "resumed_from_step": float(start_step),
              **probe.at_end(unwrap(model), ema.model)}
     if evaluate is not None:
-        if session.is_main:
-            with autocast:
-                final.update(evaluate(ema.model, step))
-            session.log({k: v for k, v in final.items() if not k.startswith("train_")}, step)
-            session.progress(step, cfg.total_steps, final)
+        with ema.gathered() as ema_model:
+            if session.is_main:
+                with autocast:
+                    final.update(evaluate(ema_model, step))
+                session.log({k: v for k, v in final.items() if not k.startswith("train_")}, step)
+                session.progress(step, cfg.total_steps, final)
         wait_for_main(timeout_s, "final evaluation")
     session.report({**final, "step": step}, model, optimizer, ema, {"step": step, "epoch": epoch})
     return final

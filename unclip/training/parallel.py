@@ -94,12 +94,17 @@ def noise_state(generator: torch.Generator | None) -> str:
 @torch.no_grad()
 def weights_checksum(model: torch.nn.Module) -> str:
     """Digest of every parameter and buffer, computed where they live (bit-identical weights give
-    the same digest; no copy of a large model to the host)."""
-    sums = [torch.stack([t.detach().double().sum(), t.detach().double().abs().sum(),
-                         (t.detach().double() * torch.arange(t.numel(), device=t.device,
-                                                             dtype=torch.float64).view(t.shape)
-                          ).sum() if t.numel() else t.new_zeros((), dtype=torch.float64)])
-            for t in list(model.parameters()) + list(model.buffers()) if t.is_floating_point()]
+    the same digest; no copy of a large model to the host). An FSDP-sharded parameter is gathered
+    first, one at a time (a collective: every rank calls this), so the digest is the whole model's."""
+    from unclip.training.sharding import full_tensor
+
+    def parts(t: torch.Tensor) -> torch.Tensor:
+        t = full_tensor(t.detach()).double()
+        weighted = (t * torch.arange(t.numel(), device=t.device, dtype=torch.float64).view(t.shape)
+                    ).sum() if t.numel() else t.new_zeros((), dtype=torch.float64)
+        return torch.stack([t.sum(), t.abs().sum(), weighted])
+
+    sums = [parts(t) for t in list(model.parameters()) + list(model.buffers()) if t.is_floating_point()]
     return fingerprint(torch.stack(sums).cpu() if sums else torch.zeros(0))
 
 
