@@ -95,6 +95,8 @@ def test_clip_dims_come_from_the_configured_source(tmp_path):
     weights.write_bytes(b"")  # plan never opens it
     plan = make_plan(load_config(["preset=smoke", f"clip.source={weights}", "clip.arch=ViT-B-32"]))
     assert plan.clip["embedding dim"] == 512 and 140e6 < plan.params("CLIP (frozen)") < 160e6
+    # the memory plan measures every trained model's step, or says why it cannot
+    assert all(m.measured is not None or m.reason.startswith("not planned") for m in plan.memory)
 
 
 def test_run_refuses_a_bad_value_before_any_stage(tmp_path, capsys):

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import gc
+import logging
 import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -140,6 +141,8 @@ def _step(probe: Probe, model: torch.nn.Module, frozen: torch.nn.Module | None, 
           amp: bool, checkpoint: bool, mode: TorchDispatchMode) -> tuple[int, int]:
     """Forward, loss and backward under ``mode``; what ``mode`` (a LiveStorages) held after the
     forward pass, and of that the weights' copies ((0, 0) for another mode)."""
+    if frozen is not None:  # as the stages freeze it: autocast then caches no casts of its weights
+        frozen.requires_grad_(False)
     ckpt = probe.checkpointed(model) if checkpoint else contextlib.nullcontext()
     with ckpt, mode:
         inputs = probe.inputs(batch)  # the batch counts: it is on the GPU through the step
@@ -195,8 +198,16 @@ def fake_copy(probe: Probe) -> Iterator[tuple[torch.nn.Module, torch.nn.Module |
 
     model = copy.deepcopy(probe.model)
     frozen = copy.deepcopy(probe.frozen)
-    with FakeTensorMode(allow_non_fake_inputs=True):
-        yield model.to_empty(device="cpu"), None if frozen is None else frozen.to_empty(device="cpu")
+    # an op that fails on fake tensors is logged with its traceback before it raises; the raised
+    # error is the one to report (pipelines.plan.memory does)
+    log = logging.getLogger("torch._subclasses.fake_tensor")
+    level = log.level
+    log.setLevel(logging.CRITICAL)
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            yield model.to_empty(device="cpu"), None if frozen is None else frozen.to_empty(device="cpu")
+    finally:
+        log.setLevel(level)
 
 
 # what is measured: (bf16 autocast, activation checkpointing)

@@ -136,7 +136,12 @@ def plan_memory(plan: "Plan", cfg: DictConfig, clip: torch.nn.Module | None) -> 
         key = (b.stage, b.name, repr(b.module), repr(clip), str(cfg[b.stage]), str(cfg.clip))
         if key not in _MEASURED:
             probe = activations.probe_for(b.stage, b.name, b.module, cfg, clip)
-            _MEASURED[key] = activations.measure(probe)
+            try:
+                _MEASURED[key] = activations.measure(probe)
+            except (RuntimeError, ValueError) as exc:  # the stage's own step would fail the same way
+                msg = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+                out.append(MemoryRow(r, None, f"not planned: its training step fails ({msg})"))
+                continue
         out.append(MemoryRow(r, _MEASURED[key], units=tuple(activations.fsdp_units(b.module))))
     return out
 
