@@ -226,13 +226,14 @@ def test_paper_memory_plan(paper, capsys):
         assert x.steps["fp32"][0].held_copies == 0
         assert 1.1 < x.flops_ckpt / x.flops < 1.34, name    # recompute: at most one more forward
         fits = [m.fit(par, k) for par in ("ddp", "fsdp") for k in ("bf16", "bf16+ckpt")]
-        assert all(f.batch >= 1 or f.static > usable() for f in fits), name
+        assert all(f.batch >= 1 or f.static + f.per_sample > usable() for f in fits), name
         assert m.fit("fsdp", "bf16+ckpt").batch >= m.row.batch, name  # the preset's batch fits so
         assert m.fsdp_state() < m.ddp_state()
-    # the decoder's 24 B/param of DDP state (54 GB) + CLIP leaves room for a handful of samples only
+    # the decoder's 24 B/param of DDP state (54 GB) + CLIP leaves room for a few samples; FSDP
+    # (sharded over 64) fits the preset's 32
     dec = rows["decoder"]
     assert dec.ddp_state() == (STATE + 4) * dec.params + dec.row.memory()["frozen"]
-    assert 1 <= dec.fit("ddp").batch < dec.row.batch <= dec.fit("fsdp").batch
+    assert 1 <= dec.fit("ddp").batch and dec.row.batch <= dec.fit("fsdp").batch
     # the diffusion prior: 6 N T FLOPs over its 81 tokens, plus the CLIP text tower's forward
     prior = rows["diffusion prior"]
     assert prior.measured.flops == pytest.approx(6 * prior.params * 81 + 47e9, rel=0.1)

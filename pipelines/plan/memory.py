@@ -67,7 +67,8 @@ class Fit:
     def cell(self) -> str:
         if self.batch >= 1:
             return str(self.batch)
-        return f"does not fit: {self.static / GB:.1f} GB before activations"
+        return (f"does not fit ({self.static / GB:.1f} GB + {self.per_sample / GB:.2f} GB/sample "
+                f"> {usable() / GB:.1f} GB)")
 
 
 @dataclass(frozen=True)
