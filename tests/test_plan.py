@@ -95,4 +95,135 @@ def test_clip_dims_come_from_the_configured_source(tmp_path):
     weights.write_bytes(b"")  # plan never opens it
     plan = make_plan(load_config(["preset=smoke", f"clip.source={weights}", "clip.arch=ViT-B-32"]))
     assert plan.clip["embedding dim"] == 512 and 140e6 < plan.params("CLIP (frozen)") < 160e6
+    # the memory plan measures every trained model's step, or says why it cannot
+    assert all(m.measured is not None or m.reason.startswith("not planned") for m in plan.memory)
 
+
+# ---- the memory plan ------------------------------------------------------------------------------
+
+
+def _real(module):
+    """A real CPU copy of a meta-device model, random weights (the memory does not depend on them)."""
+    import copy
+
+    import torch
+
+    from unclip.diffusion import GaussianDiffusion
+
+    m = copy.deepcopy(module).to_empty(device="cpu")
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.02)
+    if hasattr(getattr(m, "cfg", None), "diffusion_config"):  # the prior's schedule was built on meta
+        m.diffusion = GaussianDiffusion(m.cfg.diffusion_config)
+    return m
+
+
+@pytest.fixture(scope="module")
+def smoke():
+    """The smoke preset planned (its models on meta), and its CLIP model (meta)."""
+    from pipelines.plan import models
+
+    cfg = load_config(["preset=smoke"])
+    return cfg, make_plan(cfg), models.clip_encoder(cfg)[0].model
+
+
+def test_fake_tensor_memory_matches_real_tensors_at_tiny_size(smoke):
+    """The memory plan's fake-tensor step allocates what the same step on real CPU tensors does,
+    for the smoke preset's decoder, priors and first upsampler (the second is the same network):
+    fp32, bf16 autocast and checkpointed, held after forward and peak, and the FLOPs."""
+    from pipelines.plan import activations
+
+    cfg, plan, clip = smoke
+    real_clip = _real(clip)
+    for m in plan.memory:
+        b = m.row.built
+        if m.measured is None or b.stage == "upsample2":
+            continue
+        probe = activations.probe_for(b.stage, b.name, _real(b.module), cfg, real_clip)
+        for kind, (amp, ckpt) in activations.KINDS.items():
+            fake = m.measured.steps[kind][0]
+            real = activations.run_step(probe, probe.model, real_clip, fake.batch, amp, ckpt)
+            for what in ("held", "peak", "held_copies"):
+                f, r = getattr(fake, what), getattr(real, what)
+                # held agrees to <1%; checkpointed peaks differ by up to ~3% (recompute order)
+                assert f == pytest.approx(r, rel=0.05), (b.name, kind, what, f, r)
+        real_flops = activations.count_flops(probe, probe.model, real_clip, False)
+        assert m.measured.flops == pytest.approx(real_flops, rel=1e-6), b.name
+
+
+def test_live_storage_count_matches_the_allocator_and_autograd(smoke):
+    """Two independent counts of a real step's forward: the CPU allocator's own (torch.profiler's
+    net allocation) equals what LiveStorages holds; what autograd saved for backward (saved-tensor
+    hooks, one count per storage) is nearly all of it (the rest: the loss, the batch)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from pipelines.plan import activations
+
+    cfg, plan, clip = smoke
+    for m in plan.memory:
+        b = m.row.built
+        if b.stage not in ("decoder", "upsample1"):
+            continue
+        probe = activations.probe_for(b.stage, b.name, _real(b.module), cfg, _real(clip))
+        model = probe.model
+        params = {p.untyped_storage()._cdata for p in model.parameters()}
+        for amp in (False, True):
+            saved: dict[int, int] = {}
+
+            def pack(t):
+                s = t.untyped_storage()
+                if s._cdata not in params:
+                    saved[s._cdata] = s.nbytes()
+                return t
+
+            live = activations.LiveStorages(params)
+            with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+                with live, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                    x = probe.inputs(4)
+                    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                        loss = probe.loss(model, probe.frozen, x)
+            allocated = sum(e.self_cpu_memory_usage for e in prof.key_averages())
+            assert live.live == pytest.approx(allocated, rel=0.01), (b.name, amp)
+            assert sum(saved.values()) == pytest.approx(live.live, rel=0.03), (b.name, amp)
+            if amp:  # autocast's bf16 copies of the weights are saved for backward
+                assert live.copies > 0
+            del loss
+
+
+def test_paper_memory_plan(paper, capsys):
+    """Every paper-size model gets a fitting per-GPU batch (or an explicit reason), and the
+    measurements are what the models' arithmetic says they must be."""
+    from pipelines.plan import format_plan
+    from pipelines.plan.memory import STATE, usable
+
+    rows = {m.row.built.name: m for m in paper.memory}
+    assert set(rows) == {"diffusion prior", "AR prior", "decoder", "upsampler 64->256",
+                         "upsampler 256->1024"}
+    for name, m in rows.items():
+        x, p = m.measured, m.params
+        fp32, bf16, ckpt = (x.per_sample(k) for k in ("fp32", "bf16", "bf16+ckpt"))
+        assert 0 < ckpt < bf16 < 0.6 * fp32, name           # bf16 halves most activations
+        # autocast keeps a bf16 copy of (nearly) every weight from forward to backward
+        assert 1.8 * p < x.steps["bf16"][0].held_copies <= 2 * p, name
+        assert x.steps["fp32"][0].held_copies == 0
+        assert 1.1 < x.flops_ckpt / x.flops < 1.34, name    # recompute: at most one more forward
+        fits = [m.fit(par, k) for par in ("ddp", "fsdp") for k in ("bf16", "bf16+ckpt")]
+        assert all(f.batch >= 1 or f.static + f.per_sample > usable() for f in fits), name
+        assert m.fit("fsdp", "bf16+ckpt").batch >= m.row.batch, name  # the preset's batch fits so
+        assert m.fsdp_state() < m.ddp_state()
+    # the decoder's 24 B/param of DDP state (54 GB) + CLIP leaves room for a few samples; FSDP
+    # (sharded over 64) fits the preset's 32
+    dec = rows["decoder"]
+    assert dec.ddp_state() == (STATE + 4) * dec.params + dec.row.memory()["frozen"]
+    assert 1 <= dec.fit("ddp").batch and dec.row.batch <= dec.fit("fsdp").batch
+    # the diffusion prior: 6 N T FLOPs over its 81 tokens, plus the CLIP text tower's forward
+    prior = rows["diffusion prior"]
+    assert prior.measured.flops == pytest.approx(6 * prior.params * 81 + 47e9, rel=0.1)
+    out = format_plan(paper)
+    assert "memory plan: per-GPU batch that fits an 80 GB GPU" in out
+    section = out[out.index("memory plan"):]
+    for stage in ("prior", "decoder", "upsample1", "upsample2"):
+        assert len(re.findall(rf"^{stage}\s", section, re.M)) >= 2, stage  # memory and compute rows
+    assert "GPU-h" in section and "40% MFU" in section

@@ -16,7 +16,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from pipelines.config import to_container
-from pipelines.plan import checks, models
+from pipelines.plan import checks, memory, models
 from pipelines.plan.models import Built
 
 # Parameter counts the paper gives (Ramesh et al. 2022, Table 3; CLIP: the ViT-H/16 encoder of
@@ -62,6 +62,7 @@ class Plan:
     preset: str
     clip: dict[str, Any]
     rows: list[Row] = field(default_factory=list)
+    memory: list[memory.MemoryRow] = field(default_factory=list)  # the memory plan of each trained row
 
     def params(self, name: str) -> int:
         """Parameters of the row whose model is ``name`` (e.g. "decoder", "diffusion prior")."""
@@ -90,6 +91,7 @@ def make_plan(cfg: DictConfig) -> Plan:
         steps = models.named(f"{b.stage}.train", LoopConfig.from_dict, to_container(train)).total_steps
         plan.rows.append(Row(b, int(train.num_workers), int(train.batch_size), f"{steps:,}",
                              clip.params if b.stage in HOLDS_CLIP else 0))
+    plan.memory = memory.plan_memory(plan, cfg, encoder.model)
     return plan
 
 
@@ -122,6 +124,7 @@ def format_plan(plan: Plan) -> str:
         "DDP keeps everything on every GPU; FSDP (train.parallel=fsdp) shards weights, grads, "
         "moments and EMA over the stage's num_workers. The frozen CLIP (fp32, not sharded) sits on every GPU of the prior and "
         "decoder stages. A prior row marked 'not trained' shows prior.train's figures for the other kind.",
+        "", memory.format_memory(plan.memory, _table),
     ])
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -34,6 +34,7 @@ class Built:
     trained: bool       # False: a frozen pretrained CLIP, or the prior kind not configured
     ema: bool           # the stage keeps an EMA copy on every worker
     note: str = ""
+    module: torch.nn.Module | None = field(default=None, compare=False, repr=False)  # on meta
 
 
 def named(key: str, fn: Callable, *args: Any, **kwargs: Any) -> Any:
@@ -156,7 +157,7 @@ def priors(cfg: DictConfig, clip) -> list[Built]:
             model = named(f"prior.{k}.model", build_model, k, model_cfg)
         label = "diffusion prior" if k == "diffusion" else "AR prior"
         out.append(Built("prior", label, count(model), f"prior/{k}", k == kind, True,
-                         note if k == kind else f"not trained: prior.kind is {kind}"))
+                         note if k == kind else f"not trained: prior.kind is {kind}", model))
     return out
 
 
@@ -173,7 +174,7 @@ def decoder(cfg: DictConfig, clip) -> Built:
     with META:
         model = named("decoder.model", Decoder, dcfg, diffusion)
     return Built("decoder", "decoder", count(model), "decoder", True, True,
-                 "paper: GLIDE's, with its ~1.2B text transformer; this one reads CLIP's")
+                 "paper: GLIDE's, with its ~1.2B text transformer; this one reads CLIP's", model)
 
 
 def upsampler(cfg: DictConfig, name: str) -> Built:
@@ -195,4 +196,4 @@ def upsampler(cfg: DictConfig, name: str) -> Built:
     with META:
         model = named(f"{name}.model", Upsampler, mcfg)
     return Built(name, f"upsampler {low}->{high}", count(model), name, True, True,
-                 f"{crop} px training crops")
+                 f"{crop} px training crops", model)
