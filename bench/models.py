@@ -76,14 +76,11 @@ def make_prior(s: Sizes, width: int | None = None, heads: int | None = None) -> 
 
 def ar_prior_sizes(s: Sizes, mid_tokens: int = 319) -> dict[str, dict[str, Any]]:
     """AR prior configs by name: ``tiny`` (the tiny preset's model and PCA buckets, its CLIP's
-    sizes) and ``mid`` (the prior stage's default model, configs/prior/default.yaml, over
+    sizes) and ``mid`` (the prior stage's default model, as composed without a preset, over
     ``mid_tokens`` components of a 1024-d CLIP with 1024 buckets: the paper's 319 x 1024)."""
-    from pathlib import Path
+    from pipelines.config import load_config, to_container
 
-    import yaml
-
-    default = Path(__file__).resolve().parents[1] / "configs" / "prior" / "default.yaml"
-    mid = yaml.safe_load(default.read_text())["autoregressive"]["model"]
+    mid = to_container(load_config(["~preset"]).prior.autoregressive.model)
     return {"tiny": {**s.ar_prior, "dim": s.clip_dim, "text_width": s.text_width,
                      "max_text_len": s.context},
             "mid": {**mid, "n_components": int(mid_tokens), "num_buckets": 1024, "dim": 1024,
