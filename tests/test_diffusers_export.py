@@ -214,3 +214,29 @@ def test_a_mixed_cascade_names_only_what_does_not_map(exported, tmp_path, capsys
     problems = [l.strip() for l in capsys.readouterr().err.splitlines() if l.startswith("  ")]
     assert len(problems) == 1 and problems[0].startswith("upsampler1 (") and "'upsampler'" in problems[0]
     assert not out.exists()
+
+
+def test_export_to_s3_writes_the_same_files(exported, s3_server, monkeypatch):
+    """An s3:// destination gets the files a local export has (written locally, then uploaded)."""
+    import s3fs
+
+    from conftest import make_bucket
+    from unclip.generation.models import ModelRefs
+    from unclip.interop.diffusers_export import DiffusersExportError, export_diffusers
+
+    for k, v in s3_server.items():
+        monkeypatch.setenv(k, v)
+    make_bucket(s3_server, "exports")
+    refs = ModelRefs(**exported["folders"])
+    written = export_diffusers("s3://exports/karlo", refs, progress=lambda _m: None)
+    assert written == {"text": "s3://exports/karlo", "variations": "s3://exports/karlo-image-variations"}
+    fs = s3fs.S3FileSystem(endpoint_url=s3_server["AWS_ENDPOINT_URL"], key="testing",
+                           secret=s3_server["AWS_SECRET_ACCESS_KEY"])
+    for local, remote in ((exported["out"], "exports/karlo"),
+                          (exported["var_out"], "exports/karlo-image-variations")):
+        want = sorted(os.path.relpath(os.path.join(d, n), local) for d, _, files in os.walk(local) for n in files)
+        got = sorted(os.path.relpath(p, remote) for p in fs.find(remote))
+        assert got == want
+        assert fs.cat(remote + "/model_index.json") == open(os.path.join(local, "model_index.json"), "rb").read()
+    with pytest.raises(DiffusersExportError, match="already there"):
+        export_diffusers("s3://exports/karlo", refs, progress=lambda _m: None)

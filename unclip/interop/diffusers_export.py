@@ -232,7 +232,11 @@ def export_diffusers(out: str, refs, variations: str | None = None,
     if "image_encoder" in c and not variations:
         variations = out.rstrip("/") + VARIATIONS_SUFFIX
     for folder in (out, variations):  # refuse before writing either
-        if folder and not storage.is_remote(folder) and os.path.isdir(folder) and os.listdir(folder):
+        if not folder:
+            continue
+        if storage.is_remote(folder) and storage.exists(storage.join(folder, "model_index.json")):
+            raise DiffusersExportError(f"{folder}: a pipeline is already there; choose another folder")
+        if not storage.is_remote(folder) and os.path.isdir(folder) and os.listdir(folder):
             raise DiffusersExportError(f"{folder}: exists and is not empty; choose another folder")
     progress(f"writing UnCLIPPipeline to {out}")
     written = write_pipelines(c, out, variations)
