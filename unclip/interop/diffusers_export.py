@@ -67,8 +67,8 @@ NOT_MAPPED = {
     "clip": (
         "CLIPTextModelWithProjection + CLIPTokenizer",
         "an open_clip CLIP is not converted: no prior or decoder of ours maps onto the pipeline "
-        "(see above), and open_clip's tokenizer pads and its models pool unlike transformers', so "
-        "an export could not sample what ours does"),
+        "(see the other lines), so a converted CLIP alone would make no pipeline; the conversion of "
+        "open_clip's text tower and BPE tokenizer to transformers' classes is not implemented"),
 }
 
 
