@@ -18,7 +18,8 @@ Three sections, in order, each skipped with its reason once the time budget is s
   and the configured step counts extrapolated from the measured time per step.
 
 A table goes to stdout and the JSON (GPU name, date, every figure) to ``--out`` (default
-bench/results/gpu_check-<date>.json). Without a CUDA device it exits 2 with one line, unless it
+bench/results/gpu_check-<date>.json). Each section and model is started only while the budget
+lasts; a watchdog ends the run at the budget (exit 3) with what was measured written. Without a CUDA device it exits 2 with one line, unless it
 is asked for the CPU dry run (``--device cpu --scale smoke``: tiny models, a few steps), which a
 fast test runs so the script cannot rot.
 
@@ -48,9 +49,9 @@ import torch
 
 from bench import common
 
-BUDGET_S = 480.0          # 8 minutes, all sections together
+BUDGET_S = 470.0          # 8 minutes with the interpreter's start and imports (~5 s)
 SECTIONS = ("pipeline", "steps", "cascade")
-PIPELINE_SHARE = 0.45     # of the budget: the smoke pipeline may use at most this much
+PIPELINE_SHARE = 0.5      # of the budget: the smoke pipeline may use at most this much
 MIN_MODEL_S = 15.0        # a model's step + sampling is not started with less budget left
 # Dense bf16 tensor-core peaks (FLOP/s) by a substring of torch.cuda.get_device_name(); the
 # longest matching key wins. Unknown GPUs: a measured bf16 matmul peak (marked as such).
@@ -236,7 +237,8 @@ def _models_one(cfg, clip, stage: str, name: str, device: torch.device | None = 
 
     device = device or models.META
     if stage == "prior":
-        return [(stage, b.name, b) for b in models.priors(cfg, clip, device) if b.name == name]
+        only = "diffusion" if name.startswith("diffusion") else "autoregressive"
+        return [(stage, b.name, b) for b in models.priors(cfg, clip, device, only)]
     if stage == "decoder":
         b = models.decoder(cfg, clip, device)
     else:
@@ -358,15 +360,16 @@ def _sizes(c) -> tuple[int, int, int]:
 
 
 def run_models(cfg, device: torch.device, budget: Budget, steps: int, sample_steps: int,
-               do_cascade: bool) -> tuple[list[dict], list[dict], list[dict]]:
-    """The steps rows, the cascade rows and the skipped items (with reasons)."""
+               do_cascade: bool, result: dict[str, Any]) -> None:
+    """Fills ``result``'s steps rows, cascade rows and skipped items (with reasons) as it goes, so
+    the watchdog writes what was measured when it cuts the run off."""
     from pipelines.plan import models
 
     meta_clip_enc, _, _ = models.clip_encoder(cfg)
     clip_enc, _, _ = models.clip_encoder(cfg, device)
     clip_enc.model.to(device).eval().requires_grad_(False)
     peak, peak_src = peak_flops(device)
-    step_rows, cascade_rows, skipped = [], [], []
+    step_rows, cascade_rows, skipped = result["steps"], result["cascade"], result["skipped"]
     kind = str(cfg.prior.kind)
     order = [("prior", "diffusion prior" if kind == "diffusion" else "AR prior"),
              ("prior", "AR prior" if kind == "diffusion" else "diffusion prior"),
@@ -379,8 +382,10 @@ def run_models(cfg, device: torch.device, budget: Budget, steps: int, sample_ste
                             f"({budget.spent():.0f} of {budget.total:.0f} s)"})
             continue
         model = None
+        result["running"] = f"{stage} {name}"
         try:
             row, model = measure_model(stage, name, cfg, meta_clip_enc, clip_enc, device, steps, peak)
+            row["peak_source"] = peak_src
             step_rows.append(row)
             in_cascade = name != ("AR prior" if kind == "diffusion" else "diffusion prior")
             if do_cascade and in_cascade:
@@ -401,9 +406,25 @@ def run_models(cfg, device: torch.device, budget: Budget, steps: int, sample_ste
                              "seconds": sum(r["seconds"] for r in cascade_rows),
                              "configured": "as configured",
                              "configured_s_est": sum(r["configured_s_est"] for r in cascade_rows)})
-    for r in step_rows:
-        r["peak_source"] = peak_src
-    return step_rows, cascade_rows, skipped
+
+
+def watchdog(budget: Budget, result: dict[str, Any], out: Path) -> threading.Timer:
+    """At the budget's end, whatever is still running: write what was measured, say what was cut
+    off, exit 3. The sections' own checks skip work that would not fit; this is the hard stop."""
+
+    def fire() -> None:
+        result["skipped"].append({"item": result.get("running") or "the running item",
+                                  "reason": f"cut off at the {budget.total:.0f} s hard limit"})
+        result["total_s"] = budget.spent()
+        path = common.write_result("gpu_check", result, out)
+        print(f"gpu_check: cut off at the {budget.total:.0f} s budget; partial results in {path}",
+              file=sys.stderr, flush=True)
+        os._exit(3)
+
+    timer = threading.Timer(max(0.0, budget.left()), fire)
+    timer.daemon = True
+    timer.start()
+    return timer
 
 
 # ---- main ----------------------------------------------------------------------------------------
@@ -428,6 +449,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sample-steps", type=int, default=4, help="sampling steps per cascade stage")
     p.add_argument("--out", default=None, help="JSON path (default bench/results/gpu_check-<date>.json)")
     a = p.parse_args(argv)
+    budget = Budget(a.budget_s)
     scale = a.scale or ("paper" if a.device == "cuda" else "smoke")
     if a.device == "cuda" and not torch.cuda.is_available():
         print("gpu_check: no CUDA device (torch.cuda.is_available() is False); for a dry run "
@@ -437,7 +459,6 @@ def main(argv: list[str] | None = None) -> int:
         print("gpu_check: --scale paper needs a GPU (a 2.26B decoder step on the CPU would take "
               "minutes); use --scale smoke with --device cpu", file=sys.stderr)
         return 2
-    budget = Budget(a.budget_s)
     device = torch.device(a.device)
     now = datetime.datetime.now(datetime.timezone.utc)
     from pipelines.config import load_config
@@ -445,7 +466,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config([f"preset={scale}"])
     result: dict[str, Any] = {"name": "gpu_check", "date": now.isoformat(timespec="seconds"),
                               "device": device_name(device), "scale": scale, "budget_s": a.budget_s,
-                              "machine": common.machine(), "skipped": []}
+                              "machine": common.machine(), "steps": [], "cascade": [],
+                              "skipped": []}
+    out = Path(a.out) if a.out else default_out(now)
+    timer = watchdog(budget, result, out)
     if device.type == "cuda":
         result["gpu_memory_gb"] = torch.cuda.get_device_properties(device).total_memory / 1e9
     print(f"gpu_check on {result['device']}, {now:%Y-%m-%d %H:%M} UTC, scale {scale}, "
@@ -458,6 +482,7 @@ def main(argv: list[str] | None = None) -> int:
         if timeout < 30:
             result["skipped"].append({"item": "pipeline", "reason": "time budget spent"})
         else:
+            result["running"] = "pipeline"
             result["pipeline"] = run_pipeline(device, timeout)
             pl = result["pipeline"]
             common.print_table(pl["stages"], ["stage", "done", "seconds", "gpu_mib", "on_gpu"],
@@ -472,10 +497,8 @@ def main(argv: list[str] | None = None) -> int:
         if "cascade" not in a.skip:
             result["skipped"].append({"item": "cascade", "reason": "needs the steps section's models"})
     else:
-        steps, cascade, skipped = run_models(cfg, device, budget, a.steps, a.sample_steps,
-                                             "cascade" not in a.skip)
-        result["steps"], result["cascade"] = steps, cascade
-        result["skipped"] += skipped
+        run_models(cfg, device, budget, a.steps, a.sample_steps, "cascade" not in a.skip, result)
+        steps, cascade = result["steps"], result["cascade"]
         if "cascade" in a.skip:
             result["skipped"].append({"item": "cascade", "reason": "--skip cascade"})
         common.print_table(steps, ["stage", "model", "params", "batch", "step_s", "samples_per_s",
@@ -488,8 +511,10 @@ def main(argv: list[str] | None = None) -> int:
                            "(DDIM; the configured step counts extrapolated)")
     for s in result["skipped"]:
         print(f"skipped {s['item']}: {s['reason']}")
+    timer.cancel()
+    result.pop("running", None)
     result["total_s"] = budget.spent()
-    path = common.write_result("gpu_check", result, a.out or default_out(now))
+    path = common.write_result("gpu_check", result, out)
     print(f"wrote {path} ({budget.spent():.0f} s of {budget.total:.0f})")
     failed = [s for s in result["skipped"] if s["reason"].startswith("failed")]
     pipeline_failed = "pipeline" in result and result["pipeline"]["rc"] != 0 and \

@@ -121,9 +121,9 @@ def _open_clip(source: str, arch: str | None, device: torch.device = META):
 # ---- the trained models -------------------------------------------------------------------------
 
 
-def priors(cfg: DictConfig, clip, device: torch.device = META) -> list[Built]:
+def priors(cfg: DictConfig, clip, device: torch.device = META, only: str | None = None) -> list[Built]:
     """Both prior kinds (the configured one first), with the prior stage's model config (built on
-    ``device``: meta unless a benchmark asks for real weights)."""
+    ``device``: meta unless a benchmark asks for real weights; ``only``: that kind alone)."""
     from unclip.models.priors import KINDS, build_model
     from unclip.diffusion import GaussianDiffusion
     from unclip.models.prior import PriorConfig, resolve_embed_scale
@@ -131,6 +131,8 @@ def priors(cfg: DictConfig, clip, device: torch.device = META) -> list[Built]:
     kind = str(cfg.prior.kind)
     out = []
     for k in sorted(KINDS, key=lambda x: x != kind):
+        if only is not None and k != only:
+            continue
         spec = to_container(cfg.prior[k])
         model_cfg = {**spec["model"], "dim": clip.dim, "text_width": clip.text_width,
                      "max_text_len": clip.context_length}
