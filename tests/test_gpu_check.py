@@ -54,13 +54,22 @@ def test_gpu_check_without_cuda_fails_in_one_line(tmp_path: Path) -> None:
     assert not (tmp_path / "x.json").exists()
 
 
-def test_gpu_check_spent_budget_skips_the_rest_with_reasons(tmp_path: Path) -> None:
+def test_gpu_check_spent_budget_skips_every_model_with_its_reason() -> None:
+    from bench.gpu_check import Budget, run_models
+    from pipelines.config import load_config
+
+    result = {"steps": [], "cascade": [], "skipped": []}
+    run_models(load_config(["preset=smoke"]), torch.device("cpu"), Budget(0), 1, 1, True, result)
+    assert result["steps"] == [] and result["cascade"] == []
+    skipped = {s["item"]: s["reason"] for s in result["skipped"]}
+    assert len(skipped) == len(MODELS)
+    assert all(reason.startswith("time budget spent") for reason in skipped.values())
+
+
+def test_gpu_check_watchdog_stops_at_the_budget_and_writes_what_it_has(tmp_path: Path) -> None:
     out = tmp_path / "gpu_check.json"
     proc = gpu_check("--device", "cpu", "--scale", "smoke", "--budget-s", "0", "--out", str(out))
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert proc.returncode == 3, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "cut off at the 0 s budget" in proc.stderr
     r = json.loads(out.read_text())
-    assert r["steps"] == [] and r["cascade"] == []
-    skipped = {s["item"]: s["reason"] for s in r["skipped"]}
-    assert skipped["pipeline"] == "time budget spent"
-    assert len(skipped) == 1 + len(MODELS)
-    assert all("budget" in reason for reason in skipped.values())
+    assert any("hard limit" in s["reason"] for s in r["skipped"])
