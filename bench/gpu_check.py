@@ -147,12 +147,14 @@ class GpuWatch:
             if stage is None:
                 continue
             try:
-                out = subprocess.run(["nvidia-smi", "--query-compute-apps=used_memory",
+                out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory",
                                       "--format=csv,noheader,nounits"], capture_output=True,
                                      text=True, timeout=10).stdout
-                mib = sum(float(x) for x in out.split() if x.replace(".", "", 1).isdigit())
-            except (OSError, subprocess.SubprocessError, ValueError):
+            except (OSError, subprocess.SubprocessError):
                 continue
+            rows = [line.split(",") for line in out.strip().splitlines() if "," in line]
+            # a process listed counts even where the memory column reads [N/A] (some containers)
+            mib = sum(float(r[1]) if r[1].strip().replace(".", "", 1).isdigit() else 1.0 for r in rows)
             self.seen[stage] = max(self.seen.get(stage, 0.0), mib)
 
 
