@@ -26,7 +26,7 @@ def gpu_check(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
                           text=True, timeout=timeout)
 
 
-@pytest.mark.slow  # ~80 s on a loaded 2-core machine (5 models built, counted, stepped, sampled)
+@pytest.mark.slow  # 79-138 s on a loaded 2-core machine (5 models built, counted, stepped, sampled)
 def test_gpu_check_cpu_dry_run_writes_every_model(tmp_path: Path) -> None:
     out = tmp_path / "gpu_check.json"
     proc = gpu_check("--device", "cpu", "--scale", "smoke", "--skip", "pipeline", "--steps", "1",
