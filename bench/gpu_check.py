@@ -172,7 +172,7 @@ def run_pipeline(device: torch.device, timeout_s: float) -> dict[str, Any]:
     with GpuWatch() as watch:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 env=env, start_new_session=True)
-        timer = threading.Timer(timeout_s, lambda: _kill_group(proc))
+        timer = threading.Timer(max(1.0, timeout_s - 15.0), lambda: _kill_group(proc))
         timer.start()
         try:
             for line in proc.stdout:  # type: ignore[union-attr]
@@ -184,7 +184,7 @@ def run_pipeline(device: torch.device, timeout_s: float) -> dict[str, Any]:
         finally:
             timer.cancel()
     wall = time.monotonic() - t0
-    timed_out = wall >= timeout_s - 1 and rc != 0
+    timed_out = wall >= timeout_s - 16 and rc != 0
     stages = []
     for name in ("data", "filter", "clip", "embed", "pca", "prior", "upsample1", "upsample2",
                  "decoder", "evaluate"):
@@ -203,11 +203,32 @@ def run_pipeline(device: torch.device, timeout_s: float) -> dict[str, Any]:
             "gpu_watch": "nvidia-smi" if watch.available else "no nvidia-smi: GPU use not checked"}
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
+def _kill_group(proc: subprocess.Popen, grace_s: float = 15.0) -> None:
+    """Stop the pipeline: SIGINT first (its driver then shuts its local Ray down), and after
+    ``grace_s`` SIGKILL to every process of its session (Ray's workers sit in process groups of
+    their own inside it)."""
     import signal
 
     with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
+        os.kill(proc.pid, signal.SIGINT)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=grace_s)
+    for pid in _session_pids(proc.pid):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _session_pids(sid: int) -> list[int]:
+    """Processes whose session id is ``sid`` (Linux /proc; none elsewhere)."""
+    out = []
+    for entry in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = entry.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid:  # after "pid (comm)": state, ppid, pgrp, session
+            out.append(int(entry.parent.name))
+    return out
 
 
 # ---- (b) one training step per model, (c) the cascade's latency --------------------------------
