@@ -33,7 +33,6 @@ import argparse
 import contextlib
 import datetime
 import gc
-import json
 import os
 import re
 import shutil
