@@ -12,7 +12,7 @@ STAGE ?=
 FORCE ?=
 PYTEST_ARGS ?=
 
-.PHONY: venv pipeline stage status plan test test-fast bench mlflow-ui clean help
+.PHONY: venv pipeline stage status plan test test-fast bench gpu-check mlflow-ui clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/'
@@ -37,6 +37,9 @@ status: $(STAMP)  ## print every stage as done / stale / missing: make status AR
 
 plan: $(STAMP)  ## check a preset, print model sizes and GPU memory (no GPU, no download): make plan ARGS="preset=paper"
 	$(BIN)/python -m pipelines plan $(ARGS)
+
+gpu-check: $(STAMP)  ## on a GPU machine, <= 8 min: smoke pipeline on CUDA, one bf16 step + MFU per paper-size model, cascade latency (JSON in bench/results)
+	$(BIN)/python -m bench.gpu_check $(ARGS)
 
 RUN_DIR ?= runs/tiny
 mlflow-ui: $(STAMP)  ## browse the local MLflow store of RUN_DIR (default runs/tiny) on http://127.0.0.1:5000

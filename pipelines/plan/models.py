@@ -56,14 +56,16 @@ def count(model: torch.nn.Module) -> int:
 # ---- CLIP --------------------------------------------------------------------------------------
 
 
-def clip_encoder(cfg: DictConfig):
-    """(ClipEncoder on meta, how it was sized, trained here?) for ``clip.source`` / ``clip.arch``."""
+def clip_encoder(cfg: DictConfig, device: torch.device = META):
+    """(ClipEncoder on meta, how it was sized, trained here?) for ``clip.source`` / ``clip.arch``.
+
+    ``device``: another device builds the same model there with random weights (bench.gpu_check)."""
     from unclip.models.clip import ClipEncoder, create_custom
 
     c = cfg.clip
     if not c.source:  # the clip stage trains clip.model
         model_cfg = to_container(c.model)
-        with META:
+        with device:
             model = named("clip.model", create_custom, model_cfg)
         return ClipEncoder(model, {"arch": "custom"}, model_cfg), "clip.model", True
     source = str(c.source)
@@ -73,13 +75,13 @@ def clip_encoder(cfg: DictConfig):
     folder_cfg = storage.join(source, checkpoint.CONFIG)
     if not storage.is_remote(source) and storage.exists(folder_cfg):  # an unclip checkpoint folder
         model_cfg = named("clip.source", checkpoint.read_config, source, "clip")["config"]
-        with META:
+        with device:
             model = named("clip.source", create_custom, model_cfg)
         return ClipEncoder(model, {"arch": "custom"}, model_cfg), f"checkpoint {source}", False
-    return _open_clip(source, c.arch), f"open_clip {c.arch} ({source})", False
+    return _open_clip(source, c.arch, device), f"open_clip {c.arch} ({source})", False
 
 
-def _open_clip(source: str, arch: str | None):
+def _open_clip(source: str, arch: str | None, device: torch.device = META):
     import open_clip
 
     from unclip.models.clip import ClipEncoder
@@ -109,8 +111,8 @@ def _open_clip(source: str, arch: str | None):
     level = root.level
     root.setLevel(logging.ERROR)  # open_clip warns "no pretrained weights loaded": none were asked for
     try:
-        with META:
-            model = open_clip.create_model(arch, pretrained=None, device=META)
+        with device:
+            model = open_clip.create_model(arch, pretrained=None, device=device)
     finally:
         root.setLevel(level)
     return ClipEncoder(model, {"arch": arch})
@@ -119,8 +121,9 @@ def _open_clip(source: str, arch: str | None):
 # ---- the trained models -------------------------------------------------------------------------
 
 
-def priors(cfg: DictConfig, clip) -> list[Built]:
-    """Both prior kinds (the configured one first), with the prior stage's model config."""
+def priors(cfg: DictConfig, clip, device: torch.device = META, only: str | None = None) -> list[Built]:
+    """Both prior kinds (the configured one first), with the prior stage's model config (built on
+    ``device``: meta unless a benchmark asks for real weights; ``only``: that kind alone)."""
     from unclip.models.priors import KINDS, build_model
     from unclip.diffusion import GaussianDiffusion
     from unclip.models.prior import PriorConfig, resolve_embed_scale
@@ -128,6 +131,8 @@ def priors(cfg: DictConfig, clip) -> list[Built]:
     kind = str(cfg.prior.kind)
     out = []
     for k in sorted(KINDS, key=lambda x: x != kind):
+        if only is not None and k != only:
+            continue
         spec = to_container(cfg.prior[k])
         model_cfg = {**spec["model"], "dim": clip.dim, "text_width": clip.text_width,
                      "max_text_len": clip.context_length}
@@ -153,7 +158,7 @@ def priors(cfg: DictConfig, clip) -> list[Built]:
                 raise ConfigError(f"prior.autoregressive.model.n_components: "
                                   f"{model_cfg['n_components']} > the {kept} the pca stage keeps")
             model_cfg["num_buckets"] = int(cfg.pca.num_buckets)
-        with META:
+        with device:
             model = named(f"prior.{k}.model", build_model, k, model_cfg)
         label = "diffusion prior" if k == "diffusion" else "AR prior"
         out.append(Built("prior", label, count(model), f"prior/{k}", k == kind, True,
@@ -161,7 +166,7 @@ def priors(cfg: DictConfig, clip) -> list[Built]:
     return out
 
 
-def decoder(cfg: DictConfig, clip) -> Built:
+def decoder(cfg: DictConfig, clip, device: torch.device = META) -> Built:
     from stages.decoder import model_config
     from unclip.diffusion import DiffusionConfig, GaussianDiffusion
     from unclip.models.decoder import Decoder, DecoderConfig
@@ -171,13 +176,13 @@ def decoder(cfg: DictConfig, clip) -> Built:
     named("decoder.model", dcfg.validate)
     diffusion = named("decoder.diffusion", DiffusionConfig.from_dict, to_container(cfg.decoder.diffusion))
     named("decoder.diffusion", GaussianDiffusion, diffusion)
-    with META:
+    with device:
         model = named("decoder.model", Decoder, dcfg, diffusion)
     return Built("decoder", "decoder", count(model), "decoder", True, True,
                  "paper: GLIDE's, with its ~1.2B text transformer; this one reads CLIP's", model)
 
 
-def upsampler(cfg: DictConfig, name: str) -> Built:
+def upsampler(cfg: DictConfig, name: str, device: torch.device = META) -> Built:
     from stages.upsample import model_config, sizes
     from unclip.data.degradations import config_for
     from unclip.diffusion import DiffusionConfig, GaussianDiffusion
@@ -193,7 +198,7 @@ def upsampler(cfg: DictConfig, name: str) -> Built:
         raise ConfigError(f"{name}.high_res: crop {crop} and high_res {high} must be divisible by "
                           f"{multiple} for a UNet with {len(mcfg['channels'])} levels")
     named(f"{name}.degradation", config_for, str(c.kind), to_container(c.degradation))
-    with META:
+    with device:
         model = named(f"{name}.model", Upsampler, mcfg)
     return Built(name, f"upsampler {low}->{high}", count(model), name, True, True,
                  f"{crop} px training crops", model)

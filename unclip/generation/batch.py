@@ -73,12 +73,17 @@ def generate_batch(prompts: Sequence[str], seeds: Sequence[int], refs: ModelRefs
     rows = [{"index": i * len(seeds) + j, "prompt": p, "seed": int(s)}
             for i, p in enumerate(prompts) for j, s in enumerate(seeds)]
     storage.makedirs(out)
+    # each actor a share of the cluster's GPUs when it has any (Ray hides the GPUs from an actor
+    # that asks for none, which left the cascade on the CPU of a GPU machine)
+    gpus = float(ray.cluster_resources().get("GPU", 0.0))
+    gpus_per_actor = min(1.0, gpus / max(1, num_actors)) if gpus else 0.0
     ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), 4 * num_actors)))
     done = ds.map_batches(
         CascadeActor, batch_size=1, batch_format="numpy",
         fn_constructor_kwargs={"refs": asdict(refs), "settings": asdict(settings or Settings()),
                                "out": out, "tracking_uri": tracking_uri, "resolution": resolution},
-        compute=ray.data.ActorPoolStrategy(size=num_actors), num_cpus=1).take_all()
+        compute=ray.data.ActorPoolStrategy(size=num_actors), num_cpus=1,
+        **({"num_gpus": gpus_per_actor} if gpus_per_actor else {})).take_all()
     done.sort(key=lambda r: r["index"])
     table = pa.Table.from_pylist([{k: r[k] for k in ("index", "prompt", "seed", "path", "size")}
                                   for r in done])
