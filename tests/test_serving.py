@@ -1,0 +1,283 @@
+"""Serving: registered models that do their job (MLflow pyfunc, `mlflow models serve`) and the
+`unclip serve` application, on tiny random models registered in a store of the test's own (no
+pipeline run: seconds, not minutes)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from tests.conftest import free_port, wait_http
+
+TINY_SAMPLING = {"prior": {"sampler": "ddim", "steps": 2, "guidance_scale": 2.0, "num_candidates": 1},
+                 "decoder": {"sampler": "ddim", "steps": 2, "guidance_scale": 2.0}}
+
+
+def build_tiny_models(root: Path) -> dict[str, str]:
+    """Random tiny clip, prior, decoder and two upsamplers as checkpoint folders (8 px base)."""
+    from unclip.diffusion import DiffusionConfig
+    from unclip.models.clip import ClipEncoder, create_custom
+    from unclip.models.decoder import Decoder, DecoderConfig
+    from unclip.models.prior import DiffusionPrior, PriorConfig
+    from unclip.models.upsampler import Upsampler
+
+    clip_cfg = {"embed_dim": 16, "vision_cfg": {"image_size": 16, "patch_size": 8, "width": 16,
+                                                "layers": 1, "head_width": 8},
+                "text_cfg": {"context_length": 16, "width": 16, "heads": 2, "layers": 1}}
+    torch.manual_seed(0)
+    folders = {k: str(root / k) for k in ("clip", "prior", "decoder", "upsampler1", "upsampler2")}
+    ClipEncoder(create_custom(clip_cfg), {"arch": "custom"}, clip_cfg).save(folders["clip"])
+    DiffusionPrior(PriorConfig(dim=16, text_width=16, max_text_len=16, width=32, layers=1, heads=2,
+                               diffusion={"num_train_timesteps": 100})).save(
+        folders["prior"], extra={"sampling": TINY_SAMPLING["prior"]})
+    Decoder(DecoderConfig(resolution=8, clip_dim=16, text_width=16, base_channels=16, channel_mult=(1, 2),
+                          attention_resolutions=(4,), head_channels=16, context_dim=32, norm_groups=8),
+            DiffusionConfig(num_train_timesteps=100, learn_variance=True)).save(
+        folders["decoder"], extra={"sampling": TINY_SAMPLING["decoder"]})
+    for name in ("upsampler1", "upsampler2"):
+        Upsampler({"channels": [8, 8], "norm_num_groups": 4, "steps": 2,
+                   "diffusion": {"num_train_timesteps": 100}}).save(folders[name])
+    return folders
+
+
+def register_tiny(root: Path) -> str:
+    """Register the tiny models as the pipeline does (stage names, prior and decoder with their
+    CLIP, the cascade `unclip` by version) in a sqlite store under ``root``; its tracking URI."""
+    import mlflow
+
+    from unclip.generation.models import CASCADE_NAME, DEFAULT_NAMES
+    from unclip.registry import register_cascade, register_checkpoint
+
+    folders = build_tiny_models(root / "models")
+    uri = f"sqlite:///{root}/mlflow.db"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment("serving-test")
+    registered = {}
+    with mlflow.start_run():
+        for stage, folder in folders.items():
+            clip = folders["clip"] if stage in ("prior", "decoder") else None
+            version, alias = register_checkpoint(folder, DEFAULT_NAMES[stage], 1.0, clip=clip)
+            assert alias == "champion"
+            registered[stage] = f"models:/{DEFAULT_NAMES[stage]}@champion"
+        version, alias = register_cascade(registered, CASCADE_NAME, 0.25)
+    assert (version, alias) == ("1", "champion")
+    return uri
+
+
+@pytest.fixture(scope="module")
+def tiny_store(tmp_path_factory):
+    import mlflow
+
+    root = tmp_path_factory.mktemp("serve")
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    uri = register_tiny(root)
+    os.environ["UNCLIP_CACHE_DIR"] = str(root / "cache")
+    yield {"root": root, "uri": uri}
+    mlflow.set_tracking_uri(before)
+    os.environ.pop("UNCLIP_CACHE_DIR", None)
+
+
+def _png(b64: str) -> Image.Image:
+    img = Image.open(io.BytesIO(base64.b64decode(b64)))
+    img.load()
+    assert img.format == "PNG"
+    return img
+
+
+def _b64(img: Image.Image) -> str:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def test_cascade_pyfunc_generates_pngs(tiny_store):
+    import mlflow
+
+    model = mlflow.pyfunc.load_model("models:/unclip@champion")
+    out = model.predict(pd.DataFrame([{"prompt": "a red circle"}]))
+    assert list(out.columns) == ["prompt", "seed", "index", "image", "width", "height"]
+    assert len(out) == 1 and _png(out["image"][0]).size == (128, 128)
+    # several images, a seed and overrides; the same seed gives the same images
+    req = pd.DataFrame([{"prompt": "a blue square", "seed": 3, "num_images": 2, "decoder_steps": 1,
+                         "upsample": False}])
+    a, b = model.predict(req), model.predict(req)
+    assert len(a) == 2 and [_png(x).size for x in a["image"]] == [(8, 8), (8, 8)]
+    assert list(a["image"]) == list(b["image"]) and a["image"][0] != a["image"][1]
+    # the signature names the inputs; bad values are the caller's error
+    sig = model.metadata.get_input_schema()
+    assert {"prompt", "seed", "num_images", "decoder_guidance"} <= set(sig.input_names())
+    from mlflow.exceptions import MlflowException
+
+    for bad in ({"prompt": ""}, {"prompt": "x", "num_images": 99}, {"prompt": "x" * 5000}):
+        with pytest.raises(MlflowException):
+            model.predict(pd.DataFrame([bad]))
+
+
+def test_stage_pyfuncs_do_their_jobs(tiny_store):
+    import mlflow
+
+    load = lambda name: mlflow.pyfunc.load_model(f"models:/{name}@champion")  # noqa: E731
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8))
+    clip = load("unclip-clip").predict(pd.DataFrame([{"caption": "a red circle"}, {"image": _b64(image)}]))
+    assert len(clip["text_embedding"][0]) == 16 and clip["image_embedding"][0] is None
+    assert abs(np.linalg.norm(clip["image_embedding"][1]) - 1) < 1e-5
+    z = load("unclip-prior").predict(pd.DataFrame([{"caption": "a red circle", "seed": 1}]))
+    z_i = np.asarray(z["image_embedding"][0])
+    assert z_i.shape == (16,) and abs(np.linalg.norm(z_i) - 1) < 1e-4
+    dec = load("unclip-decoder").predict(pd.DataFrame([{"image_embedding": z_i.tolist(),
+                                                         "caption": "a red circle"}]))
+    base = _png(dec["image"][0])
+    assert base.size == (8, 8)
+    up = load("unclip-upsampler1").predict(pd.DataFrame([{"image": dec["image"][0]}]))
+    assert _png(up["image"][0]).size == (32, 32)
+    sig = mlflow.models.get_model_info("models:/unclip-decoder@champion").signature
+    assert "image_embedding" in sig.inputs.input_names() and sig.outputs.input_names() == ["image"]
+
+
+def test_mlflow_models_serve_answers_invocations(tiny_store, tmp_path):
+    port = free_port()
+    mlflow_bin = str(Path(sys.executable).parent / "mlflow")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tiny_store["uri"]}
+    log = open(tmp_path / "serve.log", "wb")
+    proc = subprocess.Popen([mlflow_bin, "models", "serve", "-m", "models:/unclip@champion",
+                             "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port),
+                             "--workers", "1"], stdout=log, stderr=subprocess.STDOUT, env=env,
+                            start_new_session=True)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/ping", timeout=180)
+        body = json.dumps({"dataframe_records": [{"prompt": "a red circle"}]}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            answer = json.loads(resp.read())
+        rows = answer["predictions"]
+        assert len(rows) == 1 and _png(rows[0]["image"]).size == (128, 128)
+        bad = urllib.request.Request(f"http://127.0.0.1:{port}/invocations",
+                                     data=json.dumps({"dataframe_records": [{"prompt": ""}]}).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(bad, timeout=60)
+        assert 400 <= err.value.code < 500
+    finally:
+        import signal
+
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+        log.close()
+
+
+# ---- unclip serve (Ray Serve) -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def served(tiny_store, ray_local):
+    from ray import serve
+
+    from unclip.generation import ModelRefs
+    from unclip.serving.app import Limits, build_app, start
+
+    port = free_port()
+    limits = Limits(max_prompt_chars=100, max_images=4, max_frames=4, max_steps=10,
+                    max_upload_bytes=64 * 1024)
+    app = build_app(ModelRefs.registered("champion"), tiny_store["uri"], limits, replicas=1,
+                    max_batch_size=8, batch_wait_s=0.1)
+    start(app, "127.0.0.1", port)
+    url = f"http://127.0.0.1:{port}"
+    wait_http(f"{url}/health", timeout=180)
+    yield url
+    serve.shutdown()
+
+
+def _post(url: str, body, timeout: float = 120) -> tuple[int, dict | bytes, dict]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            raw, status, headers = resp.read(), resp.status, dict(resp.headers)
+    except urllib.error.HTTPError as err:
+        raw, status, headers = err.read(), err.code, dict(err.headers)
+    ctype = headers.get("content-type", headers.get("Content-Type", ""))
+    return status, (json.loads(raw) if "json" in ctype else raw), headers
+
+
+FAST = {"prior_steps": 1, "decoder_steps": 1, "upsample": False}
+
+
+def test_serve_answers_16_concurrent_requests_batched(served):
+    from concurrent.futures import ThreadPoolExecutor
+
+    with urllib.request.urlopen(f"{served}/health", timeout=10) as resp:
+        health = json.loads(resp.read())
+    assert health["status"] == "ok" and health["resolution"] == 8
+
+    def one(i):
+        return _post(f"{served}/generate", {"prompt": f"a red circle number {i}", "seed": i, **FAST})
+
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(one, range(16)))
+    assert [status for status, _, _ in answers] == [200] * 16
+    ids = {body["request_id"] for _, body, _ in answers}
+    assert len(ids) == 16 and all(h.get("x-request-id") or h.get("X-Request-Id") for _, _, h in answers)
+    assert all(_png(body["images"][0]).size == (8, 8) for _, body, _ in answers)
+    assert max(body["batch"] for _, body, _ in answers) > 1  # concurrent requests shared batches
+    # alone, a request's images follow its seed
+    a = _post(f"{served}/generate", {"prompt": "a blue square", "seed": 7, "batch": False, **FAST})[1]
+    b = _post(f"{served}/generate", {"prompt": "a blue square", "seed": 7, "batch": False, **FAST})[1]
+    assert a["images"] == b["images"] and a["batch"] == 1
+
+
+def test_serve_vary_interpolate_edit_and_png(served):
+    image = _b64(Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)))
+    status, body, _ = _post(f"{served}/vary", {"image": image, "num_images": 2, **FAST})
+    assert status == 200 and len(body["images"]) == 2
+    status, body, _ = _post(f"{served}/interpolate", {"image_a": image, "image_b": image, "frames": 3, **FAST})
+    assert status == 200 and len(body["images"]) == 3
+    status, body, _ = _post(f"{served}/edit", {"image": image, "from": "a red circle", "to": "a blue circle",
+                                               "frames": 2, **FAST})
+    assert status == 200 and len(body["images"]) == 2
+    status, raw, headers = _post(f"{served}/generate", {"prompt": "a red circle", "format": "png",
+                                                        "prior_steps": 1, "decoder_steps": 1})
+    assert status == 200 and Image.open(io.BytesIO(raw)).size == (128, 128)
+
+
+@pytest.mark.parametrize("route, body, status, words", [
+    ("generate", b"{not json", 400, "not valid JSON"),
+    ("generate", [1, 2], 400, "JSON object"),
+    ("generate", {}, 422, "prompt"),
+    ("generate", {"prompt": "   "}, 422, "prompt"),
+    ("generate", {"prompt": "x" * 101}, 422, "more than the limit"),
+    ("generate", {"prompt": "a red circle", "num_images": 99}, 422, "num_images"),
+    ("generate", {"prompt": "a red circle", "decoder_steps": 1000}, 422, "decoder_steps"),
+    ("generate", {"prompt": "a red circle", "seed": "one"}, 422, "seed"),
+    ("generate", {"prompt": "a red circle", "sampler": "euler"}, 422, "sampler"),
+    ("generate", {"prompt": "x", "junk": "y" * 70000}, 413, "limit"),
+    ("vary", {"image": "%%% not base64"}, 422, "base64"),
+    ("vary", {"image": base64.b64encode(b"not an image").decode()}, 422, "readable"),
+    ("interpolate", {"image_a": "", "image_b": ""}, 422, "image_a"),
+    ("edit", {"image": "", "from": "a", "to": "b"}, 422, "image"),
+])
+def test_serve_refuses_bad_requests_with_4xx(served, route, body, status, words):
+    got, answer, headers = _post(f"{served}/{route}", body)
+    assert got == status, answer
+    assert words in answer["error"] and answer["request_id"]
+
+
+def test_serve_keeps_answering_after_bad_requests(served):
+    for body in (b"{", {"prompt": ""}, {"prompt": "x", "junk": "y" * 70000}):
+        assert 400 <= _post(f"{served}/generate", body)[0] < 500
+    status, body, _ = _post(f"{served}/generate", {"prompt": "a green star", **FAST})
+    assert status == 200 and len(body["images"]) == 1
+    with urllib.request.urlopen(f"{served}/health", timeout=10) as resp:
+        assert json.loads(resp.read())["served"] >= 1
