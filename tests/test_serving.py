@@ -146,17 +146,35 @@ def test_stage_pyfuncs_do_their_jobs(tiny_store):
     assert "image_embedding" in sig.inputs.input_names() and sig.outputs.input_names() == ["image"]
 
 
+def _wait_alive(proc, url: str, log: Path, timeout: float = 240) -> None:
+    """wait_http, failing at once with the log's tail if the server process exits."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"the server exited ({proc.returncode}): {log.read_text()[-2000:]}")
+        try:
+            wait_http(url, timeout=2)
+            return
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+
+
 def test_mlflow_models_serve_answers_invocations(tiny_store, tmp_path):
     port = free_port()
     mlflow_bin = str(Path(sys.executable).parent / "mlflow")
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tiny_store["uri"]}
+    # mlflow runs `uvicorn` from PATH: the virtual environment's own
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tiny_store["uri"],
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     log = open(tmp_path / "serve.log", "wb")
     proc = subprocess.Popen([mlflow_bin, "models", "serve", "-m", "models:/unclip@champion",
                              "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port),
                              "--workers", "1"], stdout=log, stderr=subprocess.STDOUT, env=env,
                             start_new_session=True)
     try:
-        wait_http(f"http://127.0.0.1:{port}/ping", timeout=180)
+        _wait_alive(proc, f"http://127.0.0.1:{port}/ping", tmp_path / "serve.log")
         body = json.dumps({"dataframe_records": [{"prompt": "a red circle"}]}).encode()
         req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
                                      headers={"Content-Type": "application/json"})
@@ -281,3 +299,26 @@ def test_serve_keeps_answering_after_bad_requests(served):
     assert status == 200 and len(body["images"]) == 1
     with urllib.request.urlopen(f"{served}/health", timeout=10) as resp:
         assert json.loads(resp.read())["served"] >= 1
+
+
+def test_evaluate_registers_the_cascade_by_version(tiny_store):
+    """The evaluate stage registers `unclip` from the stage models' registered versions; a better
+    CLIP score takes champion, and the new version names the versions, not the aliases."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from stages.evaluate import register
+
+    class Ctx:
+        def input(self, stage, output):
+            assert output == "registered"
+            name = {"upsample1": "upsampler1", "upsample2": "upsampler2"}.get(stage, stage)
+            return f"models:/unclip-{name}@champion"
+
+    with mlflow.start_run():
+        version, alias = register(Ctx(), 0.5)
+    assert alias == "champion" and version != "1"
+    tags = MlflowClient().get_model_version("unclip", version).tags
+    assert tags["unclip.model.prior"] == "models:/unclip-prior/1"
+    with mlflow.start_run():
+        assert register(Ctx(), 0.1)[1] == "candidate"
