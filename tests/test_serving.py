@@ -245,7 +245,7 @@ def test_serve_answers_16_concurrent_requests_batched(served):
 
     with ThreadPoolExecutor(16) as pool:
         answers = list(pool.map(one, range(16)))
-    assert [status for status, _, _ in answers] == [200] * 16
+    assert [status for status, _, _ in answers] == [200] * 16, answers[0][1]
     ids = {body["request_id"] for _, body, _ in answers}
     assert len(ids) == 16 and all(h.get("x-request-id") or h.get("X-Request-Id") for _, _, h in answers)
     assert all(_png(body["images"][0]).size == (8, 8) for _, body, _ in answers)

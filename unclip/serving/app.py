@@ -23,7 +23,6 @@ request's images are reproducible from its seed when it is served alone (``"batc
 asks for that; the answer's ``batch`` field says how many requests shared its batch).
 """
 
-from __future__ import annotations
 
 import asyncio
 import base64
@@ -134,6 +133,13 @@ def png_bytes(image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return buf.getvalue()
+
+
+class _Raise:
+    """A batch slot that failed: the request awaiting it re-raises the error."""
+
+    def __init__(self, exc: Exception):
+        self.exc = exc
 
 
 api = FastAPI(title="unclip", description="DALL-E 2-style unCLIP generation")
@@ -312,13 +318,6 @@ class UnclipService:
                                      parse_settings(body, self.limits), seed)
             return stages[-1], {}
         return await self._handle(request, work)
-
-
-class _Raise:
-    """A batch slot that failed: the request awaiting it re-raises the error."""
-
-    def __init__(self, exc: Exception):
-        self.exc = exc
 
 
 def build_app(refs, tracking_uri: str | None, limits: Limits | None = None, replicas: int = 1,
