@@ -322,3 +322,32 @@ def test_evaluate_registers_the_cascade_by_version(tiny_store):
     assert tags["unclip.model.prior"] == "models:/unclip-prior/1"
     with mlflow.start_run():
         assert register(Ctx(), 0.1)[1] == "candidate"
+
+
+def test_unclip_serve_command_serves_the_run_models(tiny_store, tmp_path):
+    """`unclip serve` as a user starts it: its own local Ray, the run directory's store, loopback."""
+    import signal
+    import time
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
+    log_path = tmp_path / "unclip-serve.log"
+    log = open(log_path, "wb")
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "unclip"), "serve", "--run-dir",
+                             str(tiny_store["root"]), "--port", str(port), "--num-cpus", "2"],
+                            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        _wait_alive(proc, f"http://127.0.0.1:{port}/health", log_path)
+        status, body, headers = _post(f"http://127.0.0.1:{port}/generate",
+                                      {"prompt": "a red circle", "num_images": 2, **FAST})
+        assert status == 200 and len(body["images"]) == 2 and body["request_id"]
+        assert _post(f"http://127.0.0.1:{port}/generate", {"prompt": ""})[0] == 422
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+        time.sleep(1)
+        log.close()

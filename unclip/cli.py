@@ -93,13 +93,24 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("pca-reconstruct", parents=[common], help="decodings from the first k PCA components")
     c.add_argument("image")
     c.add_argument("--dims", default="1,2,4,8,16,32", help="comma-separated k values (default: %(default)s)")
-    c = sub.add_parser("serve", parents=[common],
+    models = argparse.ArgumentParser(add_help=False)
+    g = models.add_argument_group("models")
+    g.add_argument("--alias", default="champion", help="registry alias of every model (default: %(default)s)")
+    g.add_argument("--run-dir", default="runs/tiny",
+                   help="run directory whose MLflow store holds the models (default: %(default)s)")
+    for name in ("clip", "prior", "decoder", "upsampler1", "upsampler2", "pca"):
+        g.add_argument(f"--{name}", metavar="URI", help=f"{name} model (default: models:/unclip-{name}@ALIAS)")
+    g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    c = sub.add_parser("serve", parents=[models],
                        help="an HTTP service of the cascade (Ray Serve): generate, vary, interpolate, edit",
                        description="Serve the cascade over HTTP with Ray Serve: POST JSON to /generate, "
                                    "/vary, /interpolate, /edit (base64 PNGs in the answer, or "
                                    "\"format\": \"png\"); GET /health. Concurrent /generate requests "
-                                   "are batched; each replica gets a GPU where the cluster has them.")
+                                   "are batched; each replica gets a GPU where the cluster has them. "
+                                   "Sampling settings come with each request (as trained unless given).")
     c.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
+    c.add_argument("--num-cpus", type=int, default=None,
+                   help="CPUs of the local Ray this starts without RAY_ADDRESS (default: all)")
     c.add_argument("--port", type=int, default=8000, help="HTTP port (default: %(default)s)")
     c.add_argument("--replicas", type=int, default=1, help="model replicas (default: %(default)s)")
     c.add_argument("--gpus-per-replica", type=float, default=None,
@@ -238,7 +249,7 @@ def _serve(args: argparse.Namespace, refs, tracking_uri: str) -> int:
     address = os.environ.get("RAY_ADDRESS")
     if not ray.is_initialized():
         ray.init(address=address or "local", include_dashboard=False, log_to_driver=False,
-                 **({} if address else {"num_cpus": os.cpu_count() or 1}))
+                 **({} if address else {"num_cpus": args.num_cpus or os.cpu_count() or 1}))
     limits = Limits(max_prompt_chars=args.max_prompt_chars, max_images=args.max_images,
                     max_frames=args.max_frames, max_steps=args.max_steps,
                     max_upload_bytes=int(args.max_upload_mb * 1024 * 1024))
