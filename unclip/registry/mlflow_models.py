@@ -24,23 +24,30 @@ METRIC_TAG = "unclip.metric"
 CHAMPION, CANDIDATE = "champion", "candidate"
 
 
+def _link_or_copy(src: str, dst: str) -> str:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+    return dst
+
+
 def _local_copy(folder: str, into: str, name: str = "checkpoint") -> str:
-    """MLflow logs local files under their folder's own name: stage ``folder`` (local or remote)
-    as ``into/name`` (hard links where the file system allows, else copies)."""
+    """MLflow logs local files under their folder's own name: stage ``folder`` as ``into/name``.
+    A local folder comes whole (hard links where the file system allows, else copies: an imported
+    CLIP holds its tokenizer and image processor beside the weights); a remote one is read file by
+    file (weights and config)."""
     dst = os.path.join(into, name)
+    if not storage.is_remote(folder):
+        shutil.copytree(folder, dst, copy_function=_link_or_copy)
+        return dst
     os.makedirs(dst)
     for fname in (checkpoint.WEIGHTS, checkpoint.CONFIG):
         src = storage.join(folder, fname)
         if fname == checkpoint.WEIGHTS and not storage.exists(src):
             continue  # a reference folder (a CLIP named by source and digest) has no weights
-        if storage.is_remote(folder):
-            with open(os.path.join(dst, fname), "wb") as f:
-                f.write(storage.read_bytes(src))
-            continue
-        try:
-            os.link(src, os.path.join(dst, fname))
-        except OSError:
-            shutil.copy2(src, os.path.join(dst, fname))
+        with open(os.path.join(dst, fname), "wb") as f:
+            f.write(storage.read_bytes(src))
     return dst
 
 
