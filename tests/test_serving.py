@@ -351,3 +351,62 @@ def test_unclip_serve_command_serves_the_run_models(tiny_store, tmp_path):
             proc.wait(timeout=30)
         time.sleep(1)
         log.close()
+
+
+def _chromium():
+    import shutil
+
+    binary = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    if not (binary and driver):
+        pytest.skip("Debian's chromium and chromium-driver are not installed (make browser)")
+    return binary, driver
+
+
+def test_web_page_generates_in_a_real_browser(served, tmp_path):
+    """The page in headless Chromium (Debian's, through its chromedriver; nothing downloaded): a
+    prompt gives an image grid, "variations" on an image replaces it; a screenshot is kept in
+    test-artifacts/ (UNCLIP_TEST_ARTIFACTS)."""
+    binary, driver_path = _chromium()
+    os.environ["SE_OFFLINE"] = "true"  # Selenium Manager must not look for a browser online
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--window-size=1200,900", f"--user-data-dir={tmp_path / 'profile'}"):
+        options.add_argument(arg)
+    browser = webdriver.Chrome(service=Service(executable_path=driver_path), options=options)
+    try:
+        browser.get(served + "/")
+        assert browser.title == "unclip"
+        prompt = browser.find_element(By.ID, "prompt")
+        prompt.clear()
+        prompt.send_keys("a blue square")
+        for key, value in (("num_images", "3"), ("decoder_steps", "1"), ("prior_steps", "1"), ("seed", "5")):
+            field = browser.find_element(By.ID, key)
+            field.clear()
+            field.send_keys(value)
+        browser.find_element(By.ID, "generate").click()
+        wait = WebDriverWait(browser, 120)
+        wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "img.result")) == 3)
+        status = browser.find_element(By.ID, "status").text
+        assert "3 image(s)" in status and "request" in status
+        sizes = browser.execute_script(
+            "return [...document.querySelectorAll('img.result')].map(i => i.naturalWidth)")
+        assert sizes == [128, 128, 128]
+        artifacts = Path(os.environ.get("UNCLIP_TEST_ARTIFACTS", Path(__file__).parent.parent / "test-artifacts"))
+        artifacts.mkdir(parents=True, exist_ok=True)
+        assert browser.save_screenshot(str(artifacts / "serve-page.png"))
+        first = browser.find_element(By.CSS_SELECTOR, "img.result").get_attribute("src")
+        browser.find_element(By.CSS_SELECTOR, "button.vary").click()
+        wait.until(lambda b: "variations:" in b.find_element(By.ID, "status").text
+                   and "working" not in b.find_element(By.ID, "status").text)
+        assert "variation of" in browser.find_element(By.TAG_NAME, "figcaption").text
+        assert browser.find_element(By.CSS_SELECTOR, "img.result").get_attribute("src") != first
+        assert (artifacts / "serve-page.png").stat().st_size > 1000
+    finally:
+        browser.quit()

@@ -5,6 +5,7 @@ there are several images; every answer carries a request id, in its body and ``X
 
 | route | body | does |
 | --- | --- | --- |
+| ``GET /`` | | the web page (``static/index.html``) |
 | ``GET /health`` | | ``{"status": "ok", ...}`` once the models are loaded |
 | ``POST /generate`` | ``prompt``, ``num_images``, ``seed`` + sampling | text to image |
 | ``POST /vary`` | ``image`` (base64), ``num_images``, ``seed``, ``eta``, ``noise`` + sampling | variations |
@@ -238,8 +239,11 @@ class UnclipService:
 
     @api.get("/", response_class=HTMLResponse)
     async def index(self) -> str:
-        return ("<!doctype html><title>unclip</title><p>unclip is serving: POST JSON to "
-                "/generate, /vary, /interpolate or /edit; GET /health.</p>")
+        """The web page: a prompt, guidance, steps and seed; an image grid with variations and
+        "edit toward..." on each image; progress while a request runs."""
+        from pathlib import Path
+
+        return (Path(__file__).with_name("static") / "index.html").read_text()
 
     @api.post("/generate")
     async def generate(self, request: Request) -> Response:
