@@ -16,64 +16,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from PIL import Image
 
 from tests.conftest import free_port, wait_http
 
-TINY_SAMPLING = {"prior": {"sampler": "ddim", "steps": 2, "guidance_scale": 2.0, "num_candidates": 1},
-                 "decoder": {"sampler": "ddim", "steps": 2, "guidance_scale": 2.0}}
-
-
-def build_tiny_models(root: Path) -> dict[str, str]:
-    """Random tiny clip, prior, decoder and two upsamplers as checkpoint folders (8 px base)."""
-    from unclip.diffusion import DiffusionConfig
-    from unclip.models.clip import ClipEncoder, create_custom
-    from unclip.models.decoder import Decoder, DecoderConfig
-    from unclip.models.prior import DiffusionPrior, PriorConfig
-    from unclip.models.upsampler import Upsampler
-
-    clip_cfg = {"embed_dim": 16, "vision_cfg": {"image_size": 16, "patch_size": 8, "width": 16,
-                                                "layers": 1, "head_width": 8},
-                "text_cfg": {"context_length": 16, "width": 16, "heads": 2, "layers": 1}}
-    torch.manual_seed(0)
-    folders = {k: str(root / k) for k in ("clip", "prior", "decoder", "upsampler1", "upsampler2")}
-    ClipEncoder(create_custom(clip_cfg), {"arch": "custom"}, clip_cfg).save(folders["clip"])
-    DiffusionPrior(PriorConfig(dim=16, text_width=16, max_text_len=16, width=32, layers=1, heads=2,
-                               diffusion={"num_train_timesteps": 100})).save(
-        folders["prior"], extra={"sampling": TINY_SAMPLING["prior"]})
-    Decoder(DecoderConfig(resolution=8, clip_dim=16, text_width=16, base_channels=16, channel_mult=(1, 2),
-                          attention_resolutions=(4,), head_channels=16, context_dim=32, norm_groups=8),
-            DiffusionConfig(num_train_timesteps=100, learn_variance=True)).save(
-        folders["decoder"], extra={"sampling": TINY_SAMPLING["decoder"]})
-    for name in ("upsampler1", "upsampler2"):
-        Upsampler({"channels": [8, 8], "norm_num_groups": 4, "steps": 2,
-                   "diffusion": {"num_train_timesteps": 100}}).save(folders[name])
-    return folders
-
-
-def register_tiny(root: Path) -> str:
-    """Register the tiny models as the pipeline does (stage names, prior and decoder with their
-    CLIP, the cascade `unclip` by version) in a sqlite store under ``root``; its tracking URI."""
-    import mlflow
-
-    from unclip.generation.models import CASCADE_NAME, DEFAULT_NAMES
-    from unclip.registry import register_cascade, register_checkpoint
-
-    folders = build_tiny_models(root / "models")
-    uri = f"sqlite:///{root}/mlflow.db"
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment("serving-test")
-    registered = {}
-    with mlflow.start_run():
-        for stage, folder in folders.items():
-            clip = folders["clip"] if stage in ("prior", "decoder") else None
-            version, alias = register_checkpoint(folder, DEFAULT_NAMES[stage], 1.0, clip=clip)
-            assert alias == "champion"
-            registered[stage] = f"models:/{DEFAULT_NAMES[stage]}@champion"
-        version, alias = register_cascade(registered, CASCADE_NAME, 0.25)
-    assert (version, alias) == ("1", "champion")
-    return uri
+from bench.serving import register_tiny  # noqa: E402  (tiny random models, registered)
 
 
 @pytest.fixture(scope="module")
