@@ -12,7 +12,7 @@ STAGE ?=
 FORCE ?=
 PYTEST_ARGS ?=
 
-.PHONY: venv pipeline stage status plan test test-fast bench gpu-check mlflow-ui clean help
+.PHONY: browser venv pipeline stage status plan test test-fast bench gpu-check mlflow-ui clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/'
@@ -45,7 +45,11 @@ RUN_DIR ?= runs/tiny
 mlflow-ui: $(STAMP)  ## browse the local MLflow store of RUN_DIR (default runs/tiny) on http://127.0.0.1:5000
 	$(BIN)/mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///$(abspath $(RUN_DIR))/mlflow.db
 
-test: $(STAMP)  ## run the test suite
+browser:  ## Debian's chromium + chromium-driver for the web page's browser test (apt, as root)
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; }
+
+test: $(STAMP) browser  ## run the test suite
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-fast: $(STAMP)  ## the edit-test loop: every test that starts no Ray, smoke run, cluster or MLflow server

@@ -29,6 +29,7 @@ BENCHMARKS = {
     "dalle2": "bench.dalle2",
     "clip_stage": "bench.clip_stage",
     "text_tokens": "bench.text_tokens",
+    "serving": "bench.serving",
 }
 # minutes each even when short (three pipeline runs; a paper-size text tower): run with --only
 QUICK_SKIP = {"clip_stage", "text_tokens"}
@@ -53,6 +54,10 @@ def summary_rows(name: str, result: dict[str, Any]) -> list[dict[str, Any]]:
         elif name == "clip_stage":
             out.append((f"CLIP stage, {r['clip stage']} ({r['samples']} samples, {r['epochs']} epochs)",
                         r["seconds"], "s", f"x{r['speedup']:.2f}" if "speedup" in r else ""))
+        elif name == "serving":
+            out.append((f"unclip serve /generate, {r['clients']} client(s), {r['requests']} requests",
+                        r["req_per_s"], "req/s", f"p50 {r['p50_s']:.3f} s, p95 {r['p95_s']:.3f} s, "
+                                                  f"mean batch {r['mean_batch']:.1f} ({result['device']})"))
         elif name == "dalle2":
             out.append((f"{r['what']}: {r['ours']} vs {r['theirs']}", r["speedup"],
                         "x (their s / our s)", f"ours {r['our_s']:.3g} s, theirs {r['their_s']:.3g} s"))

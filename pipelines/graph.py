@@ -99,9 +99,10 @@ STAGES: tuple[StageSpec, ...] = (
     StageSpec("evaluate", ("filter", "clip", "prior", "decoder", "upsample1", "upsample2"),
               ("evaluate",), "stages.evaluate:run",
               "the whole cascade on held-out captions: CLIP score, FD, grid.png (+ detector on shapes data)",
-              operational=("num_actors",), outputs=("samples", "grid", "grid_prompts", "index"),
+              operational=("num_actors",), outputs=("samples", "grid", "grid_prompts", "index", "registered"),
               reads=("filter.shards", "clip.model", "prior.prior", "decoder.model", "upsample1.model",
-                     "upsample2.model")),
+                     "upsample2.model", "clip.registered", "prior.registered",
+                     "decoder.registered", "upsample1.registered", "upsample2.registered")),
 )
 
 

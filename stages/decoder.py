@@ -101,7 +101,8 @@ def run(ctx: StageContext) -> StageResult:
     metric_name = str(c.register_metric)
     if metric_name not in final or not np.isfinite(final[metric_name]):
         metric_name = "val_clip_cosine"
-    version, alias = register_checkpoint(folder, str(c.register_name), final.get(metric_name))
+    version, alias = register_checkpoint(folder, str(c.register_name), final.get(metric_name),
+                                         clip=clip_ref)
     grids = storage.list_files(ctx.path("grids"), ".png") if storage.exists(ctx.path("grids")) else []
     metrics = {**final, "n_train": n_train, "n_holdout": len(holdout["captions"]),
                "data_prep_s": round(prep_s, 2), "registered_version": int(version),

@@ -21,6 +21,7 @@ from stages.contract import StageContext, StageResult
 from unclip import storage
 from unclip.data.shards import list_shards
 from unclip.eval.heldout import HeldOut, held_out_set
+from unclip.generation.models import CASCADE_NAME
 from unclip.eval.reference_free import frechet_distance, reference_free_metrics  # noqa: F401
 
 __all__ = ["frechet_distance", "run"]  # frechet_distance: importable from here as before
@@ -108,13 +109,30 @@ def run(ctx: StageContext) -> StageResult:
     storage.write_bytes(grid_path, buf.getvalue())
     storage.write_bytes(ctx.path("grid_prompts.txt"), "".join(f"{p}\n" for p in prompts).encode())
     mlflow.log_image(grid_img, "evaluate/grid.png")
+    version, alias = register(ctx, metrics["clip_score"])
+    metrics.update(registered_version=int(version), registered_alias=alias)
     table_text = format_table(metrics)
     mlflow.log_text(table_text, "evaluate/table.txt")
     print(table_text, flush=True)
     return StageResult(outputs={"samples": ctx.path("samples"), "grid": grid_path,
                                 "grid_prompts": ctx.path("grid_prompts.txt"),
-                                "index": storage.join(ctx.path("samples"), "index.parquet")},
-                       metrics=metrics, summary=summary(metrics) + f"; grid at {grid_path}")
+                                "index": storage.join(ctx.path("samples"), "index.parquet"),
+                                "registered": f"models:/{CASCADE_NAME}/{version}"},
+                       metrics=metrics, summary=summary(metrics) + f"; grid at {grid_path}; registered "
+                                                                   f"{CASCADE_NAME} v{version} as {alias}")
+
+
+def register(ctx: StageContext, clip_score: float) -> tuple[str, str]:
+    """The cascade this stage scored, registered as ``unclip``: its stage models by version, the
+    CLIP score deciding champion or candidate (``mlflow.pyfunc.load_model("models:/unclip@champion")``
+    generates from a prompt)."""
+    from unclip.registry import register_cascade
+
+    models = {"clip": ctx.input("clip", "registered"), "prior": ctx.input("prior", "registered"),
+              "decoder": ctx.input("decoder", "registered"),
+              "upsampler1": ctx.input("upsample1", "registered"),
+              "upsampler2": ctx.input("upsample2", "registered")}
+    return register_cascade(models, CASCADE_NAME, clip_score)
 
 
 def detector_metrics(scenes: list, images: list[Image.Image], side: int) -> dict[str, Any]:

@@ -101,7 +101,8 @@ def run(ctx: StageContext) -> StageResult:
     folder = ctx.path("model")
     ema.model.save(folder, extra={"trained_steps": meta.get("step"), "metrics": final,
                                   "clip": clip.identity, "sampling": spec["sampling"], **extra})
-    version, alias = register_checkpoint(folder, str(c.register_name), final.get("val_cosine"))
+    version, alias = register_checkpoint(folder, str(c.register_name), final.get("val_cosine"),
+                                         clip=clip_source)
     metrics = {**final, "n_train": stats["n"], "n_holdout": len(holdout["captions"]),
                "trained_steps": int(meta.get("step", 0)), "registered_version": int(version),
                "registered_alias": alias}

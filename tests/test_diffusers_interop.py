@@ -336,7 +336,7 @@ def test_import_diffusers_then_generate_vary_interpolate_edit_through_the_cli(ka
                      "--run-dir", run, "--alias", "karlo"]) == 0
         printed = capsys.readouterr().out.split("\n")
         assert sorted(line.split("\t")[0] for line in printed if line) == \
-            ["clip", "decoder", "prior", "upsampler1"]
+            ["clip", "decoder", "prior", "unclip", "upsampler1"]
         client = MlflowClient()
         version = client.get_model_version_by_alias("unclip-decoder", "karlo")
         assert version.tags["unclip.backend"] == "diffusers"

@@ -22,6 +22,7 @@ EPILOG = """examples:
   unclip batch prompts.txt --seeds 0,1,2 --num-actors 2 --out grid/
   unclip import-diffusers /models/karlo-v1-alpha --image-encoder /models/karlo-v1-alpha-image-variations --alias karlo
   unclip export-diffusers exported/karlo --alias karlo
+  unclip serve --port 8000 --replicas 2        # HTTP API on 127.0.0.1: /generate /vary /interpolate /edit /health
 
 models: --alias candidate uses the latest candidates; --prior/--decoder/... take any
 models:/NAME@ALIAS, models:/NAME/VERSION or checkpoint folder. The store is MLFLOW_TRACKING_URI,
@@ -93,6 +94,39 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("pca-reconstruct", parents=[common], help="decodings from the first k PCA components")
     c.add_argument("image")
     c.add_argument("--dims", default="1,2,4,8,16,32", help="comma-separated k values (default: %(default)s)")
+    models = argparse.ArgumentParser(add_help=False)
+    g = models.add_argument_group("models")
+    g.add_argument("--alias", default="champion", help="registry alias of every model (default: %(default)s)")
+    g.add_argument("--run-dir", default="runs/tiny",
+                   help="run directory whose MLflow store holds the models (default: %(default)s)")
+    for name in ("clip", "prior", "decoder", "upsampler1", "upsampler2", "pca"):
+        g.add_argument(f"--{name}", metavar="URI", help=f"{name} model (default: models:/unclip-{name}@ALIAS)")
+    g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    c = sub.add_parser("serve", parents=[models],
+                       help="an HTTP service of the cascade (Ray Serve): generate, vary, interpolate, edit",
+                       description="Serve the cascade over HTTP with Ray Serve: POST JSON to /generate, "
+                                   "/vary, /interpolate, /edit (base64 PNGs in the answer, or "
+                                   "\"format\": \"png\"); GET /health. Concurrent /generate requests "
+                                   "are batched; each replica gets a GPU where the cluster has them. "
+                                   "Sampling settings come with each request (as trained unless given).")
+    c.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
+    c.add_argument("--num-cpus", type=int, default=None,
+                   help="CPUs of the local Ray this starts without RAY_ADDRESS (default: all)")
+    c.add_argument("--port", type=int, default=8000, help="HTTP port (default: %(default)s)")
+    c.add_argument("--replicas", type=int, default=1, help="model replicas (default: %(default)s)")
+    c.add_argument("--gpus-per-replica", type=float, default=None,
+                   help="GPUs per replica (default: 1 where the cluster has GPUs, else 0)")
+    c.add_argument("--max-batch-size", type=int, default=8,
+                   help="concurrent /generate requests batched together (default: %(default)s)")
+    c.add_argument("--batch-wait-ms", type=float, default=20.0,
+                   help="how long a batch waits to fill (default: %(default)s)")
+    c.add_argument("--max-prompt-chars", type=int, default=500, help="longest prompt (default: %(default)s)")
+    c.add_argument("--max-images", type=int, default=8, help="most images per request (default: %(default)s)")
+    c.add_argument("--max-frames", type=int, default=16,
+                   help="most frames per interpolate or edit (default: %(default)s)")
+    c.add_argument("--max-steps", type=int, default=250, help="most sampling steps of any stage (default: %(default)s)")
+    c.add_argument("--max-upload-mb", type=float, default=4.0,
+                   help="largest request body, images included (default: %(default)s)")
     c = sub.add_parser("import-diffusers",
                        help="register a diffusers UnCLIPPipeline folder (Karlo) as this run's models")
     c.add_argument("source", help="pipeline folder or s3:// prefix: an UnCLIPPipeline (or an "
@@ -201,6 +235,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         t0 = time.monotonic()
         if args.command == "batch":
             return _batch(args, refs, uri, t0)
+        if args.command == "serve":
+            return _serve(args, refs, uri)
         model = UnCLIP(refs, device=args.device, progress=lambda m: print(f"[unclip] {m}", file=sys.stderr))
         s = _settings(args)
         if args.command == "generate":
@@ -248,6 +284,30 @@ def _settings(args: argparse.Namespace):
                     decoder_steps=args.decoder_steps, decoder_sampler=args.sampler,
                     decoder_eta=args.eta, upsampler_steps=args.upsampler_steps,
                     upsample=not args.no_upsample)
+
+
+def _serve(args: argparse.Namespace, refs, tracking_uri: str) -> int:
+    """``unclip serve``: a local Ray (or RAY_ADDRESS's cluster), the app, until interrupted."""
+    import ray
+
+    from unclip.serving.app import Limits, build_app, start
+
+    address = os.environ.get("RAY_ADDRESS")
+    if not ray.is_initialized():
+        ray.init(address=address or "local", include_dashboard=False, log_to_driver=False,
+                 **({} if address else {"num_cpus": args.num_cpus or os.cpu_count() or 1}))
+    limits = Limits(max_prompt_chars=args.max_prompt_chars, max_images=args.max_images,
+                    max_frames=args.max_frames, max_steps=args.max_steps,
+                    max_upload_bytes=int(args.max_upload_mb * 1024 * 1024))
+    app = build_app(refs, tracking_uri, limits, args.replicas, args.gpus_per_replica,
+                    args.max_batch_size, args.batch_wait_ms / 1000, args.device)
+    print(f"[unclip] serving on http://{args.host}:{args.port} ({args.replicas} replica(s)); "
+          f"Ctrl-C stops", file=sys.stderr)
+    try:
+        start(app, args.host, args.port, blocking=True)
+    except KeyboardInterrupt:
+        pass
+    return 0
 
 
 def _batch(args: argparse.Namespace, refs, tracking_uri: str, t0: float) -> int:

@@ -90,20 +90,25 @@ class UnCLIP:
         self._say(f"loading CLIP {refs.clip}")
         self.clip = load_clip(resolve(refs.clip))
         self.clip.model.to(self.device)
-        self._say(f"loading prior {refs.prior}")
-        prior_folder = resolve(refs.prior)
-        self.prior = load_stage(prior_folder, "prior").to(self.device)
-        self._say(f"loading decoder {refs.decoder}")
-        decoder_folder = resolve(refs.decoder)
-        self.decoder = load_stage(decoder_folder, "decoder").to(self.device)
+        # a stage left out (``None``: the registry's stage models load only what they need) is
+        # refused by the method that needs it
+        self.prior = self.decoder = None
+        folders = {}
+        for stage in ("prior", "decoder"):
+            ref = getattr(refs, stage)
+            if ref:
+                self._say(f"loading {stage} {ref}")
+                folders[stage] = resolve(ref)
+                setattr(self, stage, load_stage(folders[stage], stage).to(self.device))
         from unclip.interop.karlo_models import KarloDecoder  # torch and diffusers only
 
         # imported (diffusers) models: own sampling loops, and raw rather than unit CLIP embeddings
         self.imported = isinstance(self.decoder, KarloDecoder)
-        self.raw = bool(getattr(self.decoder, "raw_embeddings", False))
+        self.raw = bool(getattr(self.decoder if self.decoder is not None else self.prior,
+                                "raw_embeddings", False))
         # "as trained": what each stage validated with, the defaults of every Settings field
-        self.trained = {"prior": trained_sampling(prior_folder, "prior"),
-                        "decoder": trained_sampling(decoder_folder, "decoder")}
+        self.trained = {stage: trained_sampling(folders[stage], stage) if stage in folders
+                        else dict(FALLBACK[stage]) for stage in ("prior", "decoder")}
         self.upsamplers = []
         for ref in (refs.upsampler1, refs.upsampler2):
             if ref and self.upsamplers and getattr(self.upsamplers[-1], "final", False):
@@ -115,6 +120,10 @@ class UnCLIP:
         self._pca = None
 
     # ---- building blocks ----------------------------------------------------------------------
+
+    def _need(self, stage: str) -> None:
+        if getattr(self, stage) is None:
+            raise InputError(f"no {stage} model loaded (ModelRefs.{stage} is None)")
 
     @property
     def resolution(self) -> int:
@@ -159,6 +168,7 @@ class UnCLIP:
                      generator: torch.Generator | None = None) -> torch.Tensor:
         from unclip.models.ar_prior import ARPrior
 
+        self._need("prior")
         s = self.resolve(s)
         z_t, states, mask = self.encode_text(prompts)
         kwargs = dict(guidance_scale=s.prior_guidance, num_candidates=s.prior_candidates,
@@ -178,6 +188,7 @@ class UnCLIP:
                inverted: bool = False) -> torch.Tensor:
         """Decoder samples (B, 3, R, R) in [-1, 1] for image embeddings (and captions); ``inverted``
         says ``x_T`` came from :meth:`invert`."""
+        self._need("decoder")
         s = self.resolve(s, inverted)
         if self.imported:  # its own loop (the ``unclip`` sampler) or ours, on its conditioning
             text = None if prompts is None else self.encode_text(prompts)
@@ -219,10 +230,17 @@ class UnCLIP:
     def generate(self, prompt: str, num_images: int = 1, seed: int = 0,
                  settings: Settings | None = None) -> list[list[Image.Image]]:
         """Images for ``prompt``: a list per resolution (base first, final last)."""
+        return self.generate_many([prompt] * num_images, seed, settings)
+
+    def generate_many(self, prompts: Sequence[str], seed: int = 0,
+                      settings: Settings | None = None) -> list[list[Image.Image]]:
+        """One image per prompt, all in one batch drawn from one ``seed`` (what ``unclip serve``
+        runs for concurrent requests): a list per resolution, base first."""
         s = settings or Settings()
         g = torch.Generator().manual_seed(seed)
-        z_i = self.prior_sample([check_prompt(prompt)] * num_images, s, g)
-        return self._finish(self.decode(z_i, [prompt] * num_images, s, g), s, g)
+        prompts = [check_prompt(p) for p in prompts]
+        z_i = self.prior_sample(prompts, s, g)
+        return self._finish(self.decode(z_i, prompts, s, g), s, g)
 
     def vary(self, image: Image.Image, num_images: int = 4, seed: int = 0,
              settings: Settings | None = None, noise: str = "inverted") -> list[list[Image.Image]]:

@@ -10,15 +10,18 @@ from dataclasses import dataclass, fields, replace
 DEFAULT_NAMES = {"clip": "unclip-clip", "pca": "unclip-pca", "prior": "unclip-prior",
                  "decoder": "unclip-decoder", "upsampler1": "unclip-upsampler1",
                  "upsampler2": "unclip-upsampler2"}
+# The whole cascade, registered by the evaluate stage: its pyfunc generates from a prompt.
+CASCADE_NAME = "unclip"
 
 
 @dataclass(frozen=True)
 class ModelRefs:
-    """A URI per model: ``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, or a checkpoint folder."""
+    """A URI per model: ``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, or a checkpoint folder.
+    ``prior`` or ``decoder`` None: that stage is not loaded (a registered stage model's own use)."""
 
     clip: str
-    prior: str
-    decoder: str
+    prior: str | None
+    decoder: str | None
     upsampler1: str | None = None
     upsampler2: str | None = None
     pca: str | None = None

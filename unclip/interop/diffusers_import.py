@@ -206,8 +206,8 @@ def import_diffusers(source: str, run_dir: str = "runs/tiny", alias: str = "cham
     ``make pipeline`` and ``unclip generate`` use; every model gets ``alias``."""
     import mlflow
 
-    from unclip.generation.models import DEFAULT_NAMES, default_tracking_uri
-    from unclip.registry import register_checkpoint
+    from unclip.generation.models import CASCADE_NAME, DEFAULT_NAMES, default_tracking_uri
+    from unclip.registry import register_cascade, register_checkpoint
 
     uri = default_tracking_uri(run_dir)
     if uri.startswith("sqlite:///"):
@@ -231,7 +231,14 @@ def import_diffusers(source: str, run_dir: str = "runs/tiny", alias: str = "cham
             for stage, path in folders.items():
                 name = DEFAULT_NAMES[stage]
                 version, _ = register_checkpoint(path, name, None, alias=alias, tags={
-                    "unclip.backend": "diffusers", "unclip.source": source})
+                    "unclip.backend": "diffusers", "unclip.source": source},
+                    clip=folders.get("clip") if stage in ("prior", "decoder") else None)
                 registered[stage] = f"models:/{name}/{version}"
                 progress(f"registered {name} version {version} as @{alias}")
+            if all(k in registered for k in ("clip", "prior", "decoder")):
+                # the whole cascade as one model (models:/unclip@ALIAS generates from a prompt)
+                version, _ = register_cascade(registered, CASCADE_NAME, None, alias=alias, tags={
+                    "unclip.backend": "diffusers", "unclip.source": source})
+                registered["unclip"] = f"models:/{CASCADE_NAME}/{version}"
+                progress(f"registered {CASCADE_NAME} version {version} as @{alias}")
     return registered

@@ -1,23 +1,25 @@
-"""MLflow "model from code" for unclip checkpoints: MLflow stores this file as source, no pickle.
+"""MLflow "model from code" for unclip models: MLflow stores this file as source, no pickle.
 
-The pyfunc only reports what the checkpoint holds; generation goes through the unclip API, which
-reads the safetensors + JSON artifacts directly.
+Every registered model predicts what it is for (a stage's job, or the whole cascade for the
+registered ``unclip``); the table of inputs and outputs is in :mod:`unclip.registry.predict`.
+The artifacts are the checkpoint folder (safetensors + config.json), the CLIP folder for models
+that read captions, or the cascade's ``cascade.json`` naming its stage models by version.
 """
-
-import json
-import os
 
 import mlflow
 from mlflow.pyfunc import PythonModel
 
 
-class UnclipCheckpoint(PythonModel):
+class UnclipModel(PythonModel):
     def load_context(self, context):
-        with open(os.path.join(context.artifacts["checkpoint"], "config.json")) as f:
-            self.meta = json.load(f)
+        from unclip.registry.predict import load_predictor
+
+        self.predictor = load_predictor(dict(context.artifacts))
 
     def predict(self, context, model_input, params=None):
-        return [{"kind": self.meta.get("kind"), "unclip_version": self.meta.get("unclip_version")}]
+        from unclip.registry.predict import predict
+
+        return predict(self.predictor, model_input)
 
 
-mlflow.models.set_model(UnclipCheckpoint())
+mlflow.models.set_model(UnclipModel())

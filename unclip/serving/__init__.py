@@ -1,0 +1,1 @@
+"""Serving the cascade over HTTP: ``unclip serve`` (Ray Serve)."""
