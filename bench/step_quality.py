@@ -202,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", type=int, default=16, help="held-out images decoded per setting")
     p.add_argument("--up-images", type=int, default=4, help="held-out images upsampled per setting")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="JSON path (default bench/results/step_quality.json)")
     a = p.parse_args(argv)
     stages = [s for s in a.stages.split(",") if s]
     bad = sorted(set(stages) - set(STAGES))
@@ -210,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     result = run(a.run_dir, [int(s) for s in a.steps.split(",")], a.samplers.split(","), stages,
                  a.captions, a.images, a.up_images, a.seed)
     print_table(result)
-    common.write_result("step_quality", result)
+    common.write_result("step_quality", result, a.out)
     return 0
 
 
