@@ -222,7 +222,7 @@ def prepare(model: torch.nn.Module, train: dict[str, Any]) -> torch.nn.Module:
 class Worker:
     """What a stage's training parts get from the template: the placed model and its position."""
 
-    session: "WorkerSession"
+    session: WorkerSession
     model: torch.nn.Module       # as prepared: DDP, or FSDP-sharded
     device: torch.device
     generator: torch.Generator   # reseeded every step by the loop (the resume rule)
@@ -267,7 +267,8 @@ def train_worker(config: dict[str, Any], build: Callable[[], torch.nn.Module], c
     optimizer = loop.make_optimizer(model, cfg, betas, eps)
     average = make_ema(model, cfg.ema_decay) if ema else None  # sharded like the model under FSDP
     meta = session.restore(model, optimizer, average)
-    worker = Worker(session, model, model_device(model), torch.Generator(), int(meta.get("step", 0)), cfg)
+    worker = Worker(session, model, model_device(model), torch.Generator(), int(meta.get("step", 0)),
+                    cfg)
     parts = steps(worker)
     return loop.train(session, model, optimizer, average, parts.batches, parts.loss, cfg, meta,
                       evaluate=parts.evaluate, fault=config.get("fault"), generator=worker.generator,

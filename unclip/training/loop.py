@@ -137,7 +137,7 @@ def step_seed(seed: int, rank: int, step: int) -> int:
     resumed run draws what the uninterrupted one drew at that step."""
     import numpy as np
 
-    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1, np.uint64)[0] >> 1)
+    return int(np.random.SeedSequence([seed & (2**64 - 1), rank, step]).generate_state(1, np.uint64)[0] >> 1)
 
 
 def train(session: Session, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -160,7 +160,8 @@ def train(session: Session, model: torch.nn.Module, optimizer: torch.optim.Optim
     after those batches. Every step's random draws (torch's default generator and ``generator``)
     are seeded from (``seed``, rank, step) alone (:func:`step_seed`), so where ``batches(epoch)``
     is deterministic per epoch a resumed run trains on the same batches with the same noise as an
-    uninterrupted one and ends with the same weights.
+    uninterrupted one and ends with the same weights. Ranks resume from rank 0's position: they hold
+    equal data shards (Ray Train splits its datasets equally), so they consumed the same batches.
 
     A non-finite loss or gradient skips the step on every rank alike (gradients are all-reduced,
     or reduce-scattered and the norm all-reduced under FSDP, so all ranks see the same norm); too
