@@ -227,7 +227,6 @@ class Worker:
     device: torch.device
     generator: torch.Generator   # reseeded every step by the loop (the resume rule)
     start_step: int              # 0, or the restored checkpoint's step
-    cfg: Any                     # the loop's options (unclip.training.loop.LoopConfig)
 
 
 @dataclass
@@ -267,8 +266,7 @@ def train_worker(config: dict[str, Any], build: Callable[[], torch.nn.Module], c
     optimizer = loop.make_optimizer(model, cfg, betas, eps)
     average = make_ema(model, cfg.ema_decay) if ema else None  # sharded like the model under FSDP
     meta = session.restore(model, optimizer, average)
-    worker = Worker(session, model, model_device(model), torch.Generator(), int(meta.get("step", 0)),
-                    cfg)
+    worker = Worker(session, model, model_device(model), torch.Generator(), int(meta.get("step", 0)))
     parts = steps(worker)
     return loop.train(session, model, optimizer, average, parts.batches, parts.loss, cfg, meta,
                       evaluate=parts.evaluate, fault=config.get("fault"), generator=worker.generator,
