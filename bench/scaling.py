@@ -1,6 +1,6 @@
 """Training throughput with 1 and 2 Ray Train workers: a short run of the tiny diffusion prior
-through the very glue the prior stage uses (``stages.training.fit`` -> TorchTrainer ->
-``WorkerSession`` -> ``prepare_model`` (DDP) -> ``make_optimizer`` -> ``EMA`` -> ``loop.train``),
+through the very glue every training stage uses (``stages.training.fit`` -> TorchTrainer ->
+``stages.training.train_worker``: ``prepare`` (DDP), AdamW, EMA, restore, ``loop.train``),
 on random batches of the stage's shapes made inside each worker (the data path is measured in
 bench.pipeline_stages). Batch size is per worker, as in the stage, so 2 workers process twice the
 samples per step. Throughput is timed inside the workers after warm-up steps (no start-up).
@@ -26,43 +26,41 @@ WARMUP_STEPS = 3
 
 
 def train_loop(config: dict[str, Any]) -> None:
-    """One Ray Train worker: the prior stage's worker recipe on random batches."""
+    """One Ray Train worker: the training stages' worker template on random prior batches."""
     import ray.train
-    import ray.train.torch
     import torch
 
     from bench import models as M
     from stages import training
-    from unclip.training.loop import LoopConfig, make_optimizer, train
-    from unclip.training.state import EMA, unwrap
+    from unclip.training.loop import LoopConfig
+    from unclip.training.state import unwrap
 
     torch.set_num_threads(int(config["threads"]))
-    session = training.WorkerSession(config)
-    training.seed_everything(session.rank)
     s = M.tiny_sizes()
-    model = ray.train.torch.prepare_model(M.make_prior(s))
-    device = ray.train.torch.get_device()
     cfg = LoopConfig(total_steps=int(config["steps"]), lr=1e-4, warmup_steps=1, log_every=10**6,
                      checkpoint_every=10**6, ema_decay=0.999)
-    opt = make_optimizer(model, cfg)
-    ema = EMA(unwrap(model), cfg.ema_decay)
-    g = torch.Generator().manual_seed(session.rank)
     stamps: list[float] = []
 
-    def batches(epoch: int):
-        for _ in range(cfg.total_steps):
-            stamps.append(time.perf_counter())
-            yield {k: v.to(device) for k, v in M.prior_batch(s, int(config["batch"]), g).items()}
+    def steps(w: training.Worker) -> training.Steps:
+        def batches(epoch: int):
+            for _ in range(cfg.total_steps):
+                stamps.append(time.perf_counter())
+                yield {k: v.to(w.device) for k, v in
+                       M.prior_batch(s, int(config["batch"]), w.generator).items()}
 
-    def step_loss(m, b):
-        return unwrap(m).losses(b["z_i"], b["tokens"], b["mask"], b["z_t"], g, net=m)
+        def step_loss(m, b):
+            return unwrap(m).losses(b["z_i"], b["tokens"], b["mask"], b["z_t"], w.generator, net=m)
 
-    train(session, model, opt, ema, batches, step_loss, cfg)
+        return training.Steps(batches, step_loss)
+
+    training.train_worker({**config, "train": {"seed": 0}}, lambda: M.make_prior(s), cfg, steps)
     stamps.append(time.perf_counter())
     timed = stamps[WARMUP_STEPS:]
-    out = {"rank": session.rank, "world_size": session.world_size, "steps": len(timed) - 1,
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    out = {"rank": rank, "world_size": ctx.get_world_size(), "steps": len(timed) - 1,
            "seconds": timed[-1] - timed[0]}
-    with open(os.path.join(config["out_dir"], f"rank{session.rank}.json"), "w") as f:
+    with open(os.path.join(config["out_dir"], f"rank{rank}.json"), "w") as f:
         json.dump(out, f)
 
 

@@ -1,4 +1,5 @@
-"""CLIP stage: resolve a configured CLIP, or train one with open_clip's contrastive loss on Ray Train.
+"""CLIP stage: resolve a configured CLIP, or train one with open_clip's contrastive loss on Ray Train
+(the training stages' one worker template, :func:`stages.training.train_worker`).
 
 Training data streams from the filtered shards through Ray Data (decoded and resized in parallel);
 a fixed held-out split (by key hash) measures image->text recall@1/@5 beside its chance level.
@@ -18,15 +19,17 @@ from stages.contract import to_container
 from stages.contract import StageContext, StageResult
 from stages import training
 from unclip.data.loading import iter_decoded
-from unclip.devices import model_device, to_device
+from unclip.devices import to_device
 from unclip.data.shards import list_shards
 from unclip.eval.clip_eval import heldout_retrieval
 from unclip.models.clip import ClipEncoder, create_custom, load_clip, to_model_input
 from unclip.registry import register_checkpoint
-from unclip.training.loop import _kill_once
-from unclip.training.parallel import DataParallelProbe, wait_for_main
+from unclip.training.loop import LoopConfig
+from unclip.training.state import EMA
 
 log = logging.getLogger("unclip")
+
+
 def run(ctx: StageContext) -> StageResult:
     c = ctx.stage_cfg
     if c.source:
@@ -75,17 +78,22 @@ def _train(ctx: StageContext) -> StageResult:
         # object store instead of decoding full-size images again (bench/README.md: CLIP stage)
         train_ds = train_ds.materialize()
     n_train = train_ds.count()
-    loop_config = {
+    per_worker = n_train // int(c.train.num_workers)
+    config = {
         "model": model_cfg, "train": to_container(c.train), "n_train": n_train,
+        "steps_per_epoch": max(1, per_worker // int(c.train.batch_size)),
         "holdout": {"images": np.stack([r["image"] for r in holdout]),
                     "captions": [r["caption"] for r in holdout]},
     }
     log.info("clip: training on %d samples, %d held out, %d worker(s)", n_train, len(holdout),
              int(c.train.num_workers))
-    result = training.fit(ctx, train_loop, loop_config, int(c.train.num_workers),
+    result = training.fit(ctx, train_loop, config, int(c.train.num_workers),
                           datasets={"train": train_ds})
     model = create_custom(model_cfg)
-    meta = training.load_result_state(result, model)
+    ema = None if c.train.get("ema_decay") is None else EMA(model, float(c.train.ema_decay))
+    meta = training.load_result_state(result, model, ema)
+    if ema is not None:  # the averaged weights are the ones registered
+        model = ema.model
     encoder = ClipEncoder(model, {"arch": "custom", "source": "trained", "kind": "trained"}, model_cfg)
     folder = ctx.path("model")
     encoder.save(folder, extra={"trained_steps": meta.get("step"), "metrics": meta.get("metrics")})
@@ -117,82 +125,59 @@ def _cache_decoded(ctx: StageContext, size: int) -> bool:
     return int(kept) * size * size * 3 / 2**20 <= limit_mb
 
 
+def loop_config(t: dict[str, Any], steps_per_epoch: int) -> LoopConfig:
+    """CLIP's ``train`` options in the shared loop: ``epochs`` of ``steps_per_epoch`` steps, the
+    cosine schedule after warm-up, a checkpoint and a held-out evaluation at every epoch's end.
+    EMA (``ema_decay``) and mixed precision (``amp``) stay off unless set."""
+    return LoopConfig(total_steps=steps_per_epoch * int(t["epochs"]), lr=float(t["lr"]),
+                      warmup_steps=int(t["warmup_steps"]), lr_schedule="cosine",
+                      weight_decay=float(t["weight_decay"]), grad_clip=float(t["grad_clip"]),
+                      ema_decay=float(t.get("ema_decay") or 0.0), log_every=int(t["log_every"]),
+                      checkpoint_every=steps_per_epoch, eval_every=steps_per_epoch,
+                      max_nonfinite_steps=int(t.get("max_nonfinite_steps", 20)),
+                      amp=str(t.get("amp", "off")))
+
+
+def contrastive_loss(loss_fn, tokenizer, device: torch.device):
+    """``loss(model, batch)`` of open_clip's ClipLoss on a batch of uint8 images and captions."""
+    def step_loss(m: torch.nn.Module, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        out = m(*to_device((to_model_input(batch["image"]), tokenizer(list(batch["caption"]))), device))
+        img_f, txt_f, scale = out if isinstance(out, tuple) else \
+            (out["image_features"], out["text_features"], out["logit_scale"])
+        return {"loss": loss_fn(img_f, txt_f, scale)}
+    return step_loss
+
+
+@torch.no_grad()
+def clamp_logit_scale(model: torch.nn.Module) -> None:
+    """CLIP's temperature stays at most 100 (after every optimizer step, as open_clip trains)."""
+    model.logit_scale.clamp_(0, math.log(100))
+
+
 def train_loop(config: dict[str, Any]) -> None:
-    """One Ray Train worker: open_clip CLIP + ClipLoss (features gathered across workers)."""
+    """One Ray Train worker (:func:`stages.training.train_worker`): open_clip CLIP + ClipLoss
+    (features gathered across workers); rank 0 measures held-out retrieval every epoch."""
     import ray.train
-    import ray.train.torch
     from open_clip.loss import ClipLoss
     from open_clip.tokenizer import SimpleTokenizer
 
     t = config["train"]
-    session = training.WorkerSession(config)
-    training.seed_everything(int(t["seed"]) + session.rank)
-    model = create_custom(config["model"])
-    model = ray.train.torch.prepare_model(model)
-    inner = training.unwrap(model)
-    device = model_device(inner)
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": float(t["weight_decay"])},
-                             {"params": no_decay, "weight_decay": 0.0}],
-                            lr=float(t["lr"]), betas=(0.9, 0.98), eps=1e-6)
-    meta = session.restore(model, opt, None)
-    step, start_epoch = int(meta.get("step", 0)), int(meta.get("epoch", -1)) + 1
-    resumed_from = step
-    loss_fn = ClipLoss(gather_with_grad=True, rank=session.rank, world_size=session.world_size)
-    tok = SimpleTokenizer(context_length=int(inner.context_length))
-    per_worker = max(1, config["n_train"] // session.world_size)
-    steps_per_epoch = max(1, per_worker // int(t["batch_size"]))
-    total = steps_per_epoch * int(t["epochs"])
-    shard = ray.train.get_dataset_shard("train")
-    probe = DataParallelProbe()  # dp_* metrics: distinct data and weights across the ranks
+    cfg = loop_config(t, int(config["steps_per_epoch"]))
 
-    for epoch in range(start_epoch, int(t["epochs"])):
-        losses = []
-        for batch in shard.iter_batches(batch_size=int(t["batch_size"]), batch_format="numpy",
-                                        drop_last=True, local_shuffle_buffer_size=2048,
-                                        local_shuffle_seed=int(t["seed"]) + epoch):
-            lr = _lr(step, total, float(t["lr"]), int(t["warmup_steps"]))
-            for g in opt.param_groups:
-                g["lr"] = lr
-            out = model(*to_device((to_model_input(batch["image"]), tok(list(batch["caption"]))), device))
-            img_f, txt_f, scale = out if isinstance(out, tuple) else \
-                (out["image_features"], out["text_features"], out["logit_scale"])
-            loss = loss_fn(img_f, txt_f, scale)
-            if not torch.isfinite(loss):
-                training._say(f"[unclip] warning: non-finite loss at step {step}, batch skipped")
-                opt.zero_grad(set_to_none=True)
-                continue
-            probe.before_first_step(batch, None)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), float(t["grad_clip"]))
-            opt.step()
-            with torch.no_grad():
-                inner.logit_scale.clamp_(0, math.log(100))
-            probe.after_first_step(inner)
-            step += 1
-            losses.append(float(loss))
-            fault = config.get("fault")
-            if fault and step == int(fault.get("kill_at_step", -1)):
-                _kill_once(step, str(fault["marker"]))
-            if step % int(t["log_every"]) == 0:
-                session.log({"train_loss": float(loss), "lr": lr}, step)
-                session.progress(step, total, {"loss": float(loss)})
-        metrics = {"train_loss_epoch": float(np.mean(losses)) if losses else float("nan"),
-                   "epoch": epoch, "step": step, "resumed_from_step": float(resumed_from),
-                   **probe.at_end(inner, None)}
-        if session.is_main:
-            metrics.update(heldout_retrieval(inner, config["holdout"]))
-            session.log({k: v for k, v in metrics.items() if k != "epoch"}, step)
-            session.progress(step, total, {k: v for k, v in metrics.items()
-                                           if k.startswith(("val_recall", "train_loss"))})
-        wait_for_main(session.collective_timeout_s, "evaluation")
-        session.report(metrics, model, opt, None, {"step": step, "epoch": epoch})
+    def steps(w: training.Worker) -> training.Steps:
+        inner = training.unwrap(w.model)
+        loss_fn = ClipLoss(gather_with_grad=True, rank=w.session.rank, world_size=w.session.world_size)
+        tok = SimpleTokenizer(context_length=int(inner.context_length))
+        shard = ray.train.get_dataset_shard("train")
 
+        def batches(epoch: int):
+            return shard.iter_batches(batch_size=int(t["batch_size"]), batch_format="numpy",
+                                      drop_last=True, local_shuffle_buffer_size=2048,
+                                      local_shuffle_seed=int(t["seed"]) + epoch)
 
-def _lr(step: int, total: int, base: float, warmup: int) -> float:
-    if step < warmup:
-        return base * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return base * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return training.Steps(batches, contrastive_loss(loss_fn, tok, w.device),
+                              lambda m, step: heldout_retrieval(m, config["holdout"]),
+                              clamp_logit_scale)
+
+    training.train_worker(config, lambda: create_custom(config["model"]), cfg, steps,
+                          ema=t.get("ema_decay") is not None, betas=(0.9, 0.98), eps=1e-6)

@@ -29,7 +29,6 @@ from stages.contract import to_container
 from stages.contract import StageContext, StageResult
 from stages import training
 from unclip import storage
-from unclip.devices import model_device
 from unclip.data.paired import PairedRows, iter_paired
 from unclip.data.shards import list_shards
 from unclip.diffusion import DiffusionConfig, GaussianDiffusion
@@ -194,75 +193,68 @@ def publish_grid(config: dict[str, Any]):
 
 
 def train_loop(config: dict[str, Any]) -> None:
-    """One Ray Train worker: the decoder's hybrid diffusion loss with guidance dropouts."""
+    """One Ray Train worker (:func:`stages.training.train_worker`): the decoder's hybrid diffusion
+    loss with guidance dropouts; rank 0 decodes held-out embeddings with the EMA."""
     import ray.train
 
     from unclip.models.clip import load_clip
     from unclip.models.decoder_sampling import from_uint8
-    from unclip.training import loop
-    from unclip.training.sharding import make_ema
+    from unclip.training.loop import LoopConfig
     from unclip.training.state import unwrap
 
     t = config["train"]
     torch.set_num_threads(training.worker_threads(t.get("torch_threads")))
-    session = training.WorkerSession(config)
-    if session.rank == 0:
-        training._say(f"[unclip] decoder worker: {torch.get_num_threads()} torch thread(s)")
-    training.seed_everything(int(t["seed"]) + session.rank)
-    if (config.get("mlflow") or {}).get("tracking_uri"):
-        import mlflow
+    cfg = LoopConfig.from_dict({**t, "eval_every": int(config["eval"]["grid_every"])})
 
-        mlflow.set_tracking_uri(config["mlflow"]["tracking_uri"])
-    clip = load_clip(config["clip"])
-    clip.model.requires_grad_(False)
-    model = Decoder(DecoderConfig.from_dict(config["model"]),
-                    DiffusionConfig.from_dict(config["diffusion"]))
-    model = training.prepare(model, t)  # DDP or FSDP (train.parallel)
-    device = model_device(model)
-    clip.to(device)
-    cfg = loop.LoopConfig.from_dict({**t, "eval_every": int(config["eval"]["grid_every"])})
-    opt = loop.make_optimizer(model, cfg)
-    ema = make_ema(model, cfg.ema_decay)  # sharded like the model under FSDP
-    meta = session.restore(model, opt, ema)
-    start_step, start_epoch = int(meta.get("step", 0)), int(meta.get("epoch", -1)) + 1
-    gd = GaussianDiffusion(unwrap(model).diffusion)
-    use_caption = unwrap(model).cfg.use_caption
-    gen = torch.Generator().manual_seed(int(t["seed"]) * 1000 + session.rank + start_step)
-    shard = ray.train.get_dataset_shard("train")
+    def build() -> torch.nn.Module:
+        return Decoder(DecoderConfig.from_dict(config["model"]),
+                       DiffusionConfig.from_dict(config["diffusion"]))
 
-    def batches(epoch: int):
-        return shard.iter_batches(batch_size=int(t["batch_size"]), batch_format="numpy",
-                                  drop_last=True, local_shuffle_buffer_size=int(t["shuffle_buffer"]),
-                                  local_shuffle_seed=int(t["seed"]) + 7919 * epoch + session.rank)
+    def steps(w: training.Worker) -> training.Steps:
+        if w.session.rank == 0:
+            training._say(f"[unclip] decoder worker: {torch.get_num_threads()} torch thread(s)")
+        clip = load_clip(config["clip"])
+        clip.model.requires_grad_(False)
+        clip.to(w.device)
+        gd = GaussianDiffusion(unwrap(w.model).diffusion)
+        use_caption = unwrap(w.model).cfg.use_caption
+        gen, device = w.generator, w.device
+        shard = ray.train.get_dataset_shard("train")
 
-    def step_loss(m: torch.nn.Module, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-        x0 = from_uint8(batch["image"]).to(device)
-        if config["hflip"]:
-            flip = torch.rand(x0.shape[0], generator=gen) < 0.5
-            x0 = torch.where(flip.view(-1, 1, 1, 1).to(device), x0.flip(-1), x0)
-        z = torch.from_numpy(np.asarray(batch["image_embedding"], np.float32)).to(device)
-        text = caption_condition(clip, [str(s) for s in batch["caption"]]) if use_caption else None
-        drop_clip, drop_caption = dropout_masks(x0.shape[0], config["p_drop_clip"],
-                                                config["p_drop_caption"], gen)
-        losses = gd.training_losses(
-            lambda x, tt: m(x, tt, z, None if text is None else text.states,
-                            None if text is None else text.mask, drop_clip, drop_caption),
-            x0, generator=gen)
-        return {k: v.mean() for k, v in losses.items()}
+        def batches(epoch: int):
+            return shard.iter_batches(batch_size=int(t["batch_size"]), batch_format="numpy",
+                                      drop_last=True, local_shuffle_buffer_size=int(t["shuffle_buffer"]),
+                                      local_shuffle_seed=int(t["seed"]) + 7919 * epoch + w.session.rank)
 
-    evaluator = (DecoderEvaluator(config["holdout"], clip, config["sampling"], config["eval"],
-                                  bool(config["model"]["use_caption"]), publish_grid(config))
-                 if session.is_main else None)
-    t_start = time.monotonic()
+        def step_loss(m: torch.nn.Module, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+            x0 = from_uint8(batch["image"]).to(device)
+            if config["hflip"]:
+                flip = torch.rand(x0.shape[0], generator=gen) < 0.5
+                x0 = torch.where(flip.view(-1, 1, 1, 1).to(device), x0.flip(-1), x0)
+            z = torch.from_numpy(np.asarray(batch["image_embedding"], np.float32)).to(device)
+            text = caption_condition(clip, [str(s) for s in batch["caption"]]) if use_caption else None
+            drop_clip, drop_caption = dropout_masks(x0.shape[0], config["p_drop_clip"],
+                                                    config["p_drop_caption"], gen)
+            losses = gd.training_losses(
+                lambda x, tt: m(x, tt, z, None if text is None else text.states,
+                                None if text is None else text.mask, drop_clip, drop_caption),
+                x0, generator=gen)
+            return {k: v.mean() for k, v in losses.items()}
 
-    def evaluate(ema_model: torch.nn.Module, step: int) -> dict[str, float]:
-        final = step >= cfg.total_steps
-        out = evaluator(ema_model, step, final)
-        if final:
-            train_s = time.monotonic() - t_start - evaluator.seconds
-            out.update({"resumed_from_step": float(start_step), "eval_seconds": evaluator.seconds,
-                        "train_steps_per_s": (step - start_step) / max(train_s, 1e-9)})
-        return out
+        evaluator = (DecoderEvaluator(config["holdout"], clip, config["sampling"], config["eval"],
+                                      bool(config["model"]["use_caption"]), publish_grid(config))
+                     if w.session.is_main else None)
+        t_start = time.monotonic()
 
-    loop.train(session, model, opt, ema, batches, step_loss, cfg, start_step, start_epoch,
-               evaluate=evaluate, fault=config.get("fault"), generator=gen)
+        def evaluate(ema_model: torch.nn.Module, step: int) -> dict[str, float]:
+            final = step >= cfg.total_steps
+            out = evaluator(ema_model, step, final)
+            if final:
+                train_s = time.monotonic() - t_start - evaluator.seconds
+                out.update({"resumed_from_step": float(w.start_step), "eval_seconds": evaluator.seconds,
+                            "train_steps_per_s": (step - w.start_step) / max(train_s, 1e-9)})
+            return out
+
+        return training.Steps(batches, step_loss, evaluate)
+
+    training.train_worker(config, build, cfg, steps)

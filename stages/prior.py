@@ -31,8 +31,7 @@ from unclip.models.priors import KINDS, build_model
 from unclip.models.clip import load_clip
 from unclip.models.prior import resolve_embed_scale
 from unclip.registry import register_checkpoint
-from unclip.training.loop import LoopConfig, make_optimizer, train
-from unclip.training.sharding import make_ema
+from unclip.training.loop import LoopConfig
 from unclip.training.state import EMA, unwrap
 
 log = logging.getLogger("unclip")
@@ -154,45 +153,37 @@ def _epochs_from_shard(shard, batch_size: int, seed: int, in_memory: bool):
 
 
 def train_loop(config: dict[str, Any]) -> None:
-    """One Ray Train worker: build -> prepare (DDP or FSDP) -> optimizer -> EMA -> restore -> loop.train."""
-    import mlflow
+    """One Ray Train worker (:func:`stages.training.train_worker`): the prior's own losses on
+    cached caption encodings; rank 0 validates the EMA on held-out captions."""
     import ray.train
-    import ray.train.torch
 
     t, o, kind = config["train"], config["optim"], config["kind"]
-    session = training.WorkerSession(config)
-    training.seed_everything(int(t["seed"]) + session.rank)
-    device = ray.train.torch.get_device()
-    if config["mlflow"].get("tracking_uri"):
-        mlflow.set_tracking_uri(config["mlflow"]["tracking_uri"])  # a models:/ CLIP resolves here
-    encoder = CaptionEncoder(load_clip(config["clip"]), device,
-                             cache=config["cache_text_encodings"])
-    sim_edges = None if config["sim_edges"] is None else np.asarray(config["sim_edges"])
-    model = build_model(kind, config["model"], config["pca"], sim_edges)
-    model = training.prepare(model, t)
-    loop_cfg = LoopConfig.from_dict({**t, "lr": o["lr"], "weight_decay": o["weight_decay"],
-                                     "ema_decay": o["ema_decay"]})
-    opt = make_optimizer(model, loop_cfg)
-    for g in opt.param_groups:  # the paper's Adam settings differ per prior (Table 3)
-        g["betas"], g["eps"] = (0.9, float(o["adam_beta2"])), float(o["adam_eps"])
-    ema = make_ema(model, loop_cfg.ema_decay)  # sharded like the model under FSDP
-    meta = session.restore(model, opt, ema)
-    batches = _epochs_from_shard(ray.train.get_dataset_shard("train"), int(t["batch_size"]),
-                                 int(t["seed"]) + 1000 * session.rank, config["cache_data_in_memory"])
-    gen = torch.Generator().manual_seed(int(t["seed"]) + session.rank + int(meta.get("step", 0)))
+    cfg = LoopConfig.from_dict({**t, "lr": o["lr"], "weight_decay": o["weight_decay"],
+                                "ema_decay": o["ema_decay"]})
 
-    def step_loss(m: torch.nn.Module, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-        tokens, mask = encoder(batch["caption"])
-        zi = torch.as_tensor(batch["image_embedding"], device=device)
-        zt = torch.as_tensor(batch["text_embedding"], device=device)
-        return unwrap(m).losses(zi, tokens, mask, zt, gen, net=m)
+    def build() -> torch.nn.Module:
+        sim_edges = None if config["sim_edges"] is None else np.asarray(config["sim_edges"])
+        return build_model(kind, config["model"], config["pca"], sim_edges)
 
-    holdout = config["holdout"]
+    def steps(w: training.Worker) -> training.Steps:
+        encoder = CaptionEncoder(load_clip(config["clip"]), w.device,
+                                 cache=config["cache_text_encodings"])
+        batches = _epochs_from_shard(ray.train.get_dataset_shard("train"), int(t["batch_size"]),
+                                     int(t["seed"]) + 1000 * w.session.rank,
+                                     config["cache_data_in_memory"])
 
-    def evaluate(ema_model: torch.nn.Module, step: int) -> dict[str, float]:
-        return validate(ema_model, kind, config["sampling"], encoder, holdout, int(t["seed"]))
+        def step_loss(m: torch.nn.Module, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+            tokens, mask = encoder(batch["caption"])
+            zi = torch.as_tensor(batch["image_embedding"], device=w.device)
+            zt = torch.as_tensor(batch["text_embedding"], device=w.device)
+            return unwrap(m).losses(zi, tokens, mask, zt, w.generator, net=m)
 
-    train(session, model, opt, ema, batches, step_loss, loop_cfg,
-          start_step=int(meta.get("step", 0)), start_epoch=int(meta.get("epoch", 0)),
-          evaluate=evaluate, fault=config.get("fault"), generator=gen)
+        def evaluate(ema_model: torch.nn.Module, step: int) -> dict[str, float]:
+            return validate(ema_model, kind, config["sampling"], encoder, config["holdout"],
+                            int(t["seed"]))
 
+        return training.Steps(batches, step_loss, evaluate)
+
+    # the paper's Adam settings differ per prior (Table 3)
+    training.train_worker(config, build, cfg, steps, betas=(0.9, float(o["adam_beta2"])),
+                          eps=float(o["adam_eps"]))

@@ -1,4 +1,5 @@
-"""Ray Train glue shared by the training stages: trainer set-up, resume, reporting, MLflow from rank 0.
+"""Ray Train glue shared by the training stages: trainer set-up, the one worker template
+(:func:`train_worker`), resume, reporting, MLflow from rank 0.
 
 Checkpoints live in ``run_dir/checkpoints/<stage>-<config hash>`` (outside the stage folder, which a
 re-run empties), so constructing the trainer again with the same name resumes from the last one:
@@ -13,6 +14,7 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -217,6 +219,61 @@ def prepare(model: torch.nn.Module, train: dict[str, Any]) -> torch.nn.Module:
     if device.type == "cuda":
         torch.cuda.set_device(device)  # the device mesh is built on the current device
     return sharding.shard(model.to(device), "fsdp")
+
+
+@dataclass
+class Worker:
+    """What a stage's training parts get from the template: the placed model and its position."""
+
+    session: WorkerSession
+    model: torch.nn.Module       # as prepared: DDP, or FSDP-sharded
+    device: torch.device
+    generator: torch.Generator   # reseeded every step by the loop (the resume rule)
+    start_step: int              # 0, or the restored checkpoint's step
+
+
+@dataclass
+class Steps:
+    """What differs between training stages once the model is built: the batch source
+    (``batches(epoch)``), the loss (``loss(model, batch) -> {"loss": ..., ...}``), the evaluation
+    on rank 0 (``evaluate(model, step) -> metrics``, of the EMA when there is one) and a hook after
+    each optimizer step."""
+
+    batches: Callable[[int], Any]
+    loss: Callable[[torch.nn.Module, Any], dict]
+    evaluate: Callable[[torch.nn.Module, int], dict[str, float]] | None = None
+    after_step: Callable[[torch.nn.Module], None] | None = None
+
+
+def train_worker(config: dict[str, Any], build: Callable[[], torch.nn.Module], cfg,
+                 steps: Callable[[Worker], Steps], *, ema: bool = True,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> dict[str, float]:
+    """The one Ray Train worker of every training stage: seed -> ``build()`` -> :func:`prepare`
+    (DDP or FSDP, ``config["train"]``) -> AdamW (``betas``, ``eps``) -> EMA (unless ``ema`` is
+    false) -> restore the latest checkpoint -> ``steps(worker)`` -> :func:`unclip.training.loop.train`
+    (AMP, LR schedule, non-finite cap, evaluation, checkpoints, progress; its resume rule).
+    ``cfg`` is the stage's :class:`unclip.training.loop.LoopConfig`; returns the final metrics."""
+    from unclip.devices import model_device
+    from unclip.training import loop
+    from unclip.training.sharding import make_ema
+
+    t = config["train"]
+    session = WorkerSession(config)
+    seed = int(t["seed"])
+    seed_everything(seed + session.rank)
+    if (config.get("mlflow") or {}).get("tracking_uri"):
+        import mlflow
+
+        mlflow.set_tracking_uri(config["mlflow"]["tracking_uri"])  # a models:/ CLIP resolves here
+    model = prepare(build(), t)
+    optimizer = loop.make_optimizer(model, cfg, betas, eps)
+    average = make_ema(model, cfg.ema_decay) if ema else None  # sharded like the model under FSDP
+    meta = session.restore(model, optimizer, average)
+    worker = Worker(session, model, model_device(model), torch.Generator(), int(meta.get("step", 0)))
+    parts = steps(worker)
+    return loop.train(session, model, optimizer, average, parts.batches, parts.loss, cfg, meta,
+                      evaluate=parts.evaluate, fault=config.get("fault"), generator=worker.generator,
+                      seed=seed, after_step=parts.after_step)
 
 
 class WorkerSession:

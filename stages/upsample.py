@@ -29,8 +29,7 @@ from unclip.data.shards import list_shards
 from unclip.diffusion import GaussianDiffusion
 from unclip.models.upsampler import Upsampler, build_config
 from unclip.registry import register_checkpoint
-from unclip.training.loop import LoopConfig, make_optimizer, train
-from unclip.training.sharding import make_ema
+from unclip.training.loop import LoopConfig
 from unclip.training.state import EMA
 from unclip.training.upsampler import CropBatches, crop_each, make_step_loss
 
@@ -166,40 +165,36 @@ def _streaming(shard, config: dict[str, Any], rank: int):
 
 
 def train_loop(config: dict[str, Any]) -> None:
-    """One Ray Train worker: conv-only UNet, crops, EMA, resume; rank 0 validates at full size."""
+    """One Ray Train worker (:func:`stages.training.train_worker`): conv-only UNet on random
+    crops; rank 0 validates the EMA at full size."""
     import ray.train
 
     from unclip.eval.upsampling import validate
 
     t, v = config["train"], config["validation"]
-    session = training.WorkerSession(config)
-    training.seed_everything(int(t["seed"]) + session.rank)
-    model = training.prepare(Upsampler(config["model"]), t)  # DDP or FSDP (train.parallel)
-    loop_cfg = LoopConfig.from_dict(t)
-    opt = make_optimizer(model, loop_cfg)
-    ema = make_ema(model, loop_cfg.ema_decay)
-    meta = session.restore(model, opt, ema)
-    shard = ray.train.get_dataset_shard("train")
-    if t["cache_images"]:
-        batches = CropBatches(_cached_images(shard), int(t["batch_size"]), int(config["crop"]),
-                              int(config["model"]["scale"]), config["kind"], config["degradation"],
-                              seed=int(t["seed"]), rank=session.rank)
-    else:
-        batches = _streaming(shard, config, session.rank)
-    diffusion = GaussianDiffusion(training.unwrap(model).diffusion_config)
-    step_loss = make_step_loss(diffusion, int(config["model"]["aug_max_level"]))
 
-    def evaluate(ema_model: torch.nn.Module, step: int) -> dict[str, float]:
-        from PIL import Image
+    def steps(w: training.Worker) -> training.Steps:
+        shard = ray.train.get_dataset_shard("train")
+        if t["cache_images"]:
+            batches = CropBatches(_cached_images(shard), int(t["batch_size"]), int(config["crop"]),
+                                  int(config["model"]["scale"]), config["kind"],
+                                  config["degradation"], seed=int(t["seed"]), rank=w.session.rank)
+        else:
+            batches = _streaming(shard, config, w.session.rank)
+        diffusion = GaussianDiffusion(training.unwrap(w.model).diffusion_config)
 
-        metrics, grid = validate(ema_model, config["holdout"], config["kind"], config["degradation"],
-                                 seed=int(v["seed"]), batch_size=int(v["batch_size"]),
-                                 grid_rows=int(v["grid_rows"]))
-        buf = io.BytesIO()
-        Image.fromarray(grid).save(buf, format="PNG")
-        storage.write_bytes(config["grid_uri"], buf.getvalue())
-        return metrics
+        def evaluate(ema_model: torch.nn.Module, step: int) -> dict[str, float]:
+            from PIL import Image
 
-    train(session, model, opt, ema, batches, step_loss, loop_cfg,
-          start_step=int(meta.get("step", 0)), start_epoch=int(meta.get("epoch", 0)),
-          evaluate=evaluate, fault=config.get("fault"))
+            metrics, grid = validate(ema_model, config["holdout"], config["kind"],
+                                     config["degradation"], seed=int(v["seed"]),
+                                     batch_size=int(v["batch_size"]), grid_rows=int(v["grid_rows"]))
+            buf = io.BytesIO()
+            Image.fromarray(grid).save(buf, format="PNG")
+            storage.write_bytes(config["grid_uri"], buf.getvalue())
+            return metrics
+
+        return training.Steps(batches, make_step_loss(diffusion, int(config["model"]["aug_max_level"]),
+                                                      w.generator), evaluate)
+
+    training.train_worker(config, lambda: Upsampler(config["model"]), LoopConfig.from_dict(t), steps)

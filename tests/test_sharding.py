@@ -178,13 +178,10 @@ def _run(name: str, model: torch.nn.Module, out: Path, rank: int = 0, world: int
         # keeps tiny gradients' updates proportional, so the comparison measures the sharding.
         g["eps"] = 1e-4
     ema = sharding.make_ema(model, cfg.ema_decay)
-    start_step = start_epoch = 0
-    if resume_from is not None:
-        meta = load_state(str(resume_from), unwrap(model), opt, ema)
-        start_step, start_epoch = int(meta["step"]), int(meta["epoch"]) + 1
+    meta = {} if resume_from is None else load_state(str(resume_from), unwrap(model), opt, ema)
     per = GLOBAL_BATCH // world
 
-    def batches(epoch: int):  # EVERY batches an epoch: a resume at step 2 starts epoch 1
+    def batches(epoch: int):  # EVERY batches an epoch: a resume at step 2 continues with epoch 1
         for i in range(EVERY):
             b = _batch(name, epoch * EVERY + i)
             yield {k: v[rank * per:(rank + 1) * per] for k, v in b.items()}
@@ -196,8 +193,8 @@ def _run(name: str, model: torch.nn.Module, out: Path, rank: int = 0, world: int
         return {"eval_mean": float(outputs[f"step{step}"].mean())}
 
     session = _Session(rank, world, out)
-    train(session, model, opt, ema, batches, lambda m, b: _loss(name, m, b), cfg, start_step,
-          start_epoch, evaluate=evaluate)
+    train(session, model, opt, ema, batches, lambda m, b: _loss(name, m, b), cfg, meta,
+          evaluate=evaluate)
     held = {"model": _share(model), "ema": _share(ema.model),
             "adam": _share_of_state(opt), "sharded_ema": isinstance(ema, sharding.ShardedEMA)}
     return {"outputs": outputs, "metrics": {**session.metrics, "held": held}}

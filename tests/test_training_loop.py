@@ -125,7 +125,7 @@ def test_nonfinite_steps_are_skipped_then_stop(caplog):
 def test_resume_continues_the_step_count():
     model, opt, ema, cfg = _setup(total=60)
     session = RecordingSession()
-    train(session, model, opt, ema, _batches, _mse, cfg, start_step=50)
+    train(session, model, opt, ema, _batches, _mse, cfg, resume={"step": 50, "epoch": 2, "batch": 2})
     assert [meta["step"] for _, meta in session.reports] == [60]
     assert session.logged[0][0] == 60
 

@@ -19,8 +19,10 @@ from dataclasses import dataclass, field
 
 from omegaconf import II
 
+from pipelines.schema.derive import added
 from unclip.generation.models import DEFAULT_NAMES
 from unclip.options import option
+from unclip.training.loop import AMP_MODES
 
 # Subtrees that take any other option of open_clip's CLIPVisionCfg / CLIPTextCfg (and CLIP's
 # quick_gelu): their dataclasses use union types a structured config cannot hold. The keys
@@ -71,6 +73,13 @@ class ClipTrain:
     # take at most this many MB (tiny: 4000 x 32x32x3 = 12 MB; the paper's 256 px x millions never
     # fit), instead of decoding every epoch; 0: off. Operational: changing it re-runs nothing.
     cache_decoded_max_mb: int = option(1024, ge=0)
+    # Added with the shared training template (unclip.training.loop), at defaults that train as
+    # before, so they count in the stage's hash only once set: an EMA of the weights (null: none;
+    # the EMA is then what is registered), mixed precision (unclip.training.loop.AMP_MODES), and
+    # the consecutive non-finite steps skipped before training stops with a clear error.
+    ema_decay: float | None = added(option(None, ge=0, le=1))
+    amp: str = added(option("off", choices=AMP_MODES))
+    max_nonfinite_steps: int = added(option(20, ge=1))
 
 
 @dataclass

@@ -39,6 +39,11 @@ def derive(cls: type, name: str, *, exclude: Iterable[str] = (), only: Iterable[
     return dataclasses.make_dataclass(name, specs)
 
 
+def added(f: dataclasses.Field) -> dataclasses.Field:
+    """``f`` (e.g. an :func:`unclip.options.option`) marked :data:`ADDED`."""
+    return dataclasses.field(default=f.default, default_factory=f.default_factory,
+                             metadata={**f.metadata, ADDED: True})
+
 
 def combine(name: str, *parts: type, doc: str | None = None) -> type:
     """A mutable dataclass named ``name`` with the fields of ``parts``, in this order: a subtree

@@ -1,9 +1,12 @@
-"""The step loop every diffusion model trains with: AMP, grad clipping, EMA, non-finite guard,
-periodic evaluation and checkpoints. Framework-free: Ray Train enters through ``Session``.
+"""The step loop every training stage trains with (CLIP, the priors, the decoder, the upsamplers):
+AMP, grad clipping, optional EMA, non-finite guard, periodic evaluation and checkpoints, and the one
+resume rule (:func:`train`). Framework-free: Ray Train enters through ``Session``
+(``stages.training.train_worker`` builds everything around it in a worker).
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
@@ -68,7 +71,8 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
-def make_optimizer(model: torch.nn.Module, cfg: LoopConfig) -> torch.optim.Optimizer:
+def make_optimizer(model: torch.nn.Module, cfg: LoopConfig, betas: tuple[float, float] = (0.9, 0.999),
+                   eps: float = 1e-8) -> torch.optim.Optimizer:
     """AdamW, fused on CUDA; no weight decay on biases, norms and embeddings."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -78,7 +82,7 @@ def make_optimizer(model: torch.nn.Module, cfg: LoopConfig) -> torch.optim.Optim
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     fused = next(model.parameters()).is_cuda
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), fused=fused or None)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, eps=eps, fused=fused or None)
 
 
 def lr_at(step: int, cfg: LoopConfig) -> float:
@@ -117,40 +121,96 @@ def autocast_for(device: torch.device, amp: str):
     return torch.autocast("cuda", dtype=dtype), scaler
 
 
-def train(session: Session, model: torch.nn.Module, optimizer: torch.optim.Optimizer, ema: EMA,
-          batches: Callable[[int], Iterable[Any]], step_loss: Callable[[torch.nn.Module, Any], dict],
-          cfg: LoopConfig, start_step: int = 0, start_epoch: int = 0,
+def resume_position(meta: Mapping[str, Any] | None) -> tuple[int, int, int]:
+    """(step, epoch, batches of that epoch already consumed) to continue from a restored checkpoint's
+    meta: the resume rule of every training stage (:func:`train`). ``{}`` or None: a fresh start.
+    A checkpoint written before the rule (no ``batch``) continues at the next epoch boundary."""
+    meta = meta or {}
+    step = int(meta.get("step", 0))
+    if "batch" in meta:
+        return step, int(meta.get("epoch", 0)), int(meta["batch"])
+    return step, int(meta.get("epoch", -1)) + 1 if "epoch" in meta else 0, 0
+
+
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """The seed of a step's random draws on one rank: a function of (seed, rank, step) alone, so a
+    resumed run draws what the uninterrupted one drew at that step."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed & (2**64 - 1), rank, step]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def train(session: Session, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+          ema: EMA | None, batches: Callable[[int], Iterable[Any]],
+          step_loss: Callable[[torch.nn.Module, Any], dict], cfg: LoopConfig,
+          resume: Mapping[str, Any] | None = None,
           evaluate: Callable[[torch.nn.Module, int], dict[str, float]] | None = None,
           fault: Mapping[str, Any] | None = None,
-          generator: torch.Generator | None = None) -> dict[str, float]:
+          generator: torch.Generator | None = None, seed: int = 0,
+          after_step: Callable[[torch.nn.Module], None] | None = None) -> dict[str, float]:
     """Train until ``cfg.total_steps``; returns the final metrics (with the last evaluation).
 
     ``batches(epoch)`` yields one epoch of batches; ``step_loss(model, batch)`` returns a dict with
-    a scalar ``loss`` (and any other scalars to log). A non-finite loss or gradient skips the step on
-    every rank alike (gradients are all-reduced, or reduce-scattered and the norm all-reduced under
-FSDP, so all ranks see the same norm); too many in a row
-    stop training with a clear error, the last checkpoint kept. Evaluation runs on rank 0 under
-    the training autocast while the other ranks wait at a barrier bounded by ``session.collective_timeout_s``
-    (a sharded EMA is first gathered into a plain module on rank 0, every rank taking part).
-    ``generator`` (the one ``step_loss`` draws noise from; None: torch's default) feeds the
+    a scalar ``loss`` (and any other scalars to log); ``after_step(model)`` runs after each
+    optimizer step (e.g. CLIP's logit-scale clamp). ``ema`` None: no EMA, and evaluation sees the
+    trained model itself (unsharded models only).
+
+    Resume rule, one for every stage: a checkpoint records (step, epoch, batches of that epoch
+    consumed, skipped ones included); ``resume`` (its meta) continues at that step, in that epoch,
+    after those batches. Every step's random draws (torch's default generator and ``generator``)
+    are seeded from (``seed``, rank, step) alone (:func:`step_seed`), so where ``batches(epoch)``
+    is deterministic per epoch a resumed run trains on the same batches with the same noise as an
+    uninterrupted one and ends with the same weights. Ranks resume from rank 0's position: they hold
+    equal data shards (Ray Train splits its datasets equally), so they consumed the same batches.
+
+    A non-finite loss or gradient skips the step on every rank alike (gradients are all-reduced,
+    or reduce-scattered and the norm all-reduced under FSDP, so all ranks see the same norm); too
+    many in a row stop training with a clear error, the last checkpoint kept. Evaluation runs on
+    rank 0 under the training autocast while the other ranks wait at a barrier bounded by
+    ``session.collective_timeout_s`` (a sharded EMA is first gathered into a plain module on rank
+    0, every rank taking part). ``generator`` (the one ``step_loss`` draws noise from) feeds the
     data-parallel probe's ``dp_*`` metrics (:mod:`unclip.training.parallel`).
     """
+    from unclip.training.sharding import is_sharded
+
+    if ema is None and evaluate is not None and is_sharded(model):
+        raise ValueError("evaluating a sharded model needs an EMA (gathered on rank 0)")
     device = model_device(model)
     autocast, scaler = autocast_for(device, cfg.amp)
-    step, epoch, bad = start_step, start_epoch, 0
-    meta: dict[str, Any] = {"step": step, "epoch": epoch}
+    start_step, epoch, skip = resume_position(resume)
+    step, bad, consumed = start_step, 0, 0
+    rank = int(getattr(session, "rank", 0))
     metrics: dict[str, float] = {}
     sums: dict[str, float] = {}
     count = 0
     probe = DataParallelProbe()
     timeout_s = float(getattr(session, "collective_timeout_s", 1800.0))
+
+    def evaluated_model():
+        return ema.gathered() if ema is not None else nullcontext(unwrap(model))
+
+    def run_evaluation() -> dict[str, float]:
+        out: dict[str, float] = {}
+        with evaluated_model() as eval_model:  # a sharded EMA: gathered on rank 0
+            if session.is_main:
+                with autocast:
+                    out = evaluate(eval_model, step)
+            del eval_model  # a gathered copy is freed before training goes on
+        model.train()  # an evaluation of the model itself may have left it in eval mode
+        return out
+
     model.train()
     while step < cfg.total_steps:
-        for batch in batches(epoch):
+        consumed = 0
+        for batch in itertools.islice(batches(epoch), skip, None):
             if step >= cfg.total_steps:
                 break
+            consumed += 1
             for g in optimizer.param_groups:
                 g["lr"] = lr_at(step, cfg)
+            torch.manual_seed(step_seed(seed, rank, step))
+            if generator is not None:
+                generator.manual_seed(step_seed(seed, rank, step) + 1)
             probe.before_first_step(batch, generator)
             with autocast:
                 out = step_loss(model, batch)
@@ -181,7 +241,10 @@ FSDP, so all ranks see the same norm); too many in a row
                 scaler.update()
             else:
                 optimizer.step()
-            ema.update(unwrap(model))
+            if after_step is not None:
+                after_step(unwrap(model))
+            if ema is not None:
+                ema.update(unwrap(model))
             probe.after_first_step(unwrap(model))
             step += 1
             count += 1
@@ -198,29 +261,27 @@ FSDP, so all ranks see the same norm); too many in a row
             evaluated = {}
             if evaluate is not None and cfg.eval_every and step % cfg.eval_every == 0 \
                     and step != cfg.total_steps:
-                with ema.gathered() as ema_model:  # a sharded EMA: gathered on rank 0
-                    if session.is_main:
-                        with autocast:
-                            evaluated = evaluate(ema_model, step)
-                        session.log(evaluated, step)
-                    del ema_model  # a gathered copy is freed before training goes on
+                evaluated = run_evaluation()
+                if session.is_main:
+                    session.log(evaluated, step)
                 wait_for_main(timeout_s, "evaluation")
             if step % cfg.checkpoint_every == 0 and step != cfg.total_steps:
-                meta = {"step": step, "epoch": epoch}
                 session.report({**metrics, **evaluated, **probe.metrics, "step": step}, model,
-                               optimizer, ema, meta)
-        epoch += 1
+                               optimizer, ema, {"step": step, "epoch": epoch, "batch": skip + consumed})
+        if step < cfg.total_steps:
+            if skip == 0 and consumed == 0:
+                raise ValueError(f"epoch {epoch} gave no batch: too little data for one batch")
+            epoch, skip = epoch + 1, 0
     final = {**metrics, "resumed_from_step": float(start_step),
-             **probe.at_end(unwrap(model), ema.model)}
+             **probe.at_end(unwrap(model), None if ema is None else ema.model)}
     if evaluate is not None:
-        with ema.gathered() as ema_model:
-            if session.is_main:
-                with autocast:
-                    final.update(evaluate(ema_model, step))
-                session.log({k: v for k, v in final.items() if not k.startswith("train_")}, step)
-                session.progress(step, cfg.total_steps, final)
+        final.update(run_evaluation())
+        if session.is_main:
+            session.log({k: v for k, v in final.items() if not k.startswith("train_")}, step)
+            session.progress(step, cfg.total_steps, final)
         wait_for_main(timeout_s, "final evaluation")
-    session.report({**final, "step": step}, model, optimizer, ema, {"step": step, "epoch": epoch})
+    session.report({**final, "step": step}, model, optimizer, ema,
+                   {"step": step, "epoch": epoch, "batch": skip + consumed})
     return final
 
 
