@@ -38,6 +38,9 @@ def fit(ctx: StageContext, train_loop: Callable[[dict], None], loop_config: dict
                                              and ctx.cfg.ray.num_gpus is None)
     name = checkpoint_name(ctx)
     board = ProgressBoard.start() if show_progress_bar() else None
+    if not ctx.verbose:  # the stage's one bar replaces Ray Data's bar per split and epoch
+        for ds in (datasets or {}).values():
+            ds.context.enable_progress_bars = False
     config = {**loop_config,
               "mlflow": {"tracking_uri": ctx.tracking_uri, "run_id": ctx.mlflow_run_id},
               "fault": fault_injection(), "progress_board": board,

@@ -83,3 +83,33 @@ def test_sampling_ar_section_alone_keeps_the_stage_table(tmp_path: Path, monkeyp
     assert new["ar_prior"]["rows"] == [row]
     monkeypatch.setenv("UNCLIP_BENCH_RESULTS", str(tmp_path))
     assert report.main(["sampling:ar_prior"]) == 0
+
+
+def test_step_quality_scores_every_stage_at_each_step_count(smoke_run) -> None:
+    """bench.step_quality on the smoke run: one row per sampler x step count and the stage's own
+    (configured) setting, marked, at the step count its checkpoint records; real, finite scores."""
+    import math
+
+    from bench.step_quality import run
+    from unclip import checkpoint
+    from pipelines.manifest import read_manifest
+
+    result = run(str(smoke_run), [2], ["ddim", "dpm"], ["prior", "decoder", "upsample1"],
+                 captions=8, images=2, up_images=1)
+    by_stage: dict[str, list[dict]] = {}
+    for r in result["rows"]:
+        by_stage.setdefault(r["stage"], []).append(r)
+    assert set(by_stage) == {"prior", "decoder", "upsample1"}
+    recorded = checkpoint.read_config(read_manifest(str(smoke_run), "decoder").outputs["model"])["sampling"]
+    for stage, rows in by_stage.items():
+        assert [(r["sampler"], r["steps"]) for r in rows[:2]] == [("ddim", 2), ("dpm", 2)]
+        configured = [r for r in rows if r["configured"]]
+        assert len(configured) == 1, rows
+        if stage == "decoder":
+            assert (configured[0]["sampler"], configured[0]["steps"]) == (recorded["sampler"], recorded["steps"])
+    for r in by_stage["prior"]:
+        assert -1 <= r["cosine"] <= 1 and math.isfinite(r["baseline_text"]) and r["n"] == 8
+    for r in by_stage["decoder"]:
+        assert -1 <= r["val_clip_cosine"] <= 1 and 0 <= r["val_shape"] <= 1  # shapes: a ground truth
+    for r in by_stage["upsample1"]:
+        assert 5 < r["val_psnr"] < 100 and 0 < r["val_ssim"] <= 1

@@ -88,6 +88,21 @@ def test_conditioning_paths_and_null_embeddings():
 
 
 @torch.no_grad()
+def test_a_context_as_long_as_an_attention_level_decodes_as_a_longer_one():
+    """12 caption tokens + 4 CLIP tokens = the 4x4 level's 16 image tokens, a length diffusers'
+    mask padding skips: the decoder must neither crash nor change what a masked token means."""
+    m = _model().eval()
+    x, t, z, _ = _inputs()
+    g = torch.Generator().manual_seed(3)
+    states = torch.randn(3, 13, TEXT_W, generator=g)
+    mask = torch.arange(13)[None, :] < torch.tensor([12, 7, 12])[:, None]
+    out = m(x, t, z, states[:, :12], mask[:, :12])  # context 16 = the level's 16 tokens
+    assert torch.isfinite(out).all()
+    # the same captions with a 13th, masked-out token (context 17: diffusers pads as usual)
+    torch.testing.assert_close(out, m(x, t, z, states, mask), atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
 def test_final_caption_token_joins_the_timestep_embedding():
     """GLIDE's global caption path: the last unmasked token (the null token when dropped), and the
     class-embedding MLP reads it beside z_i; without it only z_i."""

@@ -52,13 +52,17 @@ def read_config(folder: str, kind: str | None = None) -> dict[str, Any]:
 
 def load(folder: str, kind: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """(state_dict, meta). Only safetensors bytes are parsed: a pickle is rejected, not executed."""
+    meta = read_config(folder, kind)
+    return parse_weights(storage.read_bytes(storage.join(folder, WEIGHTS)), folder), meta
+
+
+def parse_weights(raw: bytes, folder: str) -> dict[str, Any]:
+    """The state dict in ``folder``'s safetensors bytes (a caller that also digests them reads once)."""
     from safetensors import SafetensorError
     from safetensors.torch import load as st_load
 
-    meta = read_config(folder, kind)
-    raw = storage.read_bytes(storage.join(folder, WEIGHTS))
     try:
-        return st_load(raw), meta
+        return st_load(raw)
     except (SafetensorError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"{folder}/{WEIGHTS}: not a safetensors file ({exc})") from None
 

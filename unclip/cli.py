@@ -21,6 +21,7 @@ EPILOG = """examples:
   unclip pca-reconstruct a.png --dims 1,2,4,8,16
   unclip batch prompts.txt --seeds 0,1,2 --num-actors 2 --out grid/
   unclip import-diffusers /models/karlo-v1-alpha --image-encoder /models/karlo-v1-alpha-image-variations --alias karlo
+  unclip export-diffusers exported/karlo --alias karlo
 
 models: --alias candidate uses the latest candidates; --prior/--decoder/... take any
 models:/NAME@ALIAS, models:/NAME/VERSION or checkpoint folder. The store is MLFLOW_TRACKING_URI,
@@ -104,7 +105,50 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--run-dir", default="runs/tiny",
                    help="run directory whose MLflow store registers them (default: %(default)s)")
     c.add_argument("--experiment", default="unclip", help="MLflow experiment of the import run (default: %(default)s)")
+    c = sub.add_parser("export-diffusers",
+                       help="write this run's models as a diffusers UnCLIPPipeline folder (imported "
+                            "models map; our own do not, and the error says why)")
+    c.add_argument("out", help="folder (or s3:// prefix) for the UnCLIPPipeline; must not hold one")
+    c.add_argument("--image-variations", metavar="OUT2", default=None,
+                   help="folder for the UnCLIPImageVariationPipeline, written when the CLIP has an "
+                        "image encoder (default: OUT-image-variations)")
+    c.add_argument("--alias", default="champion", help="registry alias of every model (default: %(default)s)")
+    c.add_argument("--run-dir", default="runs/tiny",
+                   help="run directory whose MLflow store holds the models (default: %(default)s)")
+    for name in ("clip", "prior", "decoder", "upsampler1", "upsampler2"):
+        c.add_argument(f"--{name}", metavar="URI", help=f"{name} model (default: models:/unclip-{name}@ALIAS)")
     return p
+
+
+def _export(args: argparse.Namespace) -> int:
+    """``unclip export-diffusers``: the registered cascade as diffusers pipeline folders."""
+    import dataclasses
+
+    import mlflow
+
+    from unclip.checkpoint import CheckpointError
+    from unclip.generation.models import ModelRefs, default_tracking_uri
+    from unclip.interop.diffusers_export import export_diffusers
+
+    say = lambda m: print(f"[unclip] {m}", file=sys.stderr)  # noqa: E731
+    try:
+        uri = default_tracking_uri(args.run_dir)
+        overrides = {k: getattr(args, k) for k in ("clip", "prior", "decoder", "upsampler1", "upsampler2")}
+        if uri.startswith("sqlite:///") and not os.path.exists(uri[len("sqlite:///"):]) \
+                and not all(overrides[k] for k in ("clip", "prior", "decoder", "upsampler1")):
+            raise LookupError(f"no MLflow store at {uri[len('sqlite:///'):]}: point --run-dir / "
+                              "MLFLOW_TRACKING_URI at the run that holds the models")
+        mlflow.set_tracking_uri(uri)
+        refs = ModelRefs.registered(args.alias, **overrides)
+        if not args.upsampler2:  # the pipeline has one super-resolution stage: never look it up
+            refs = dataclasses.replace(refs, upsampler2=None)
+        written = export_diffusers(args.out, refs, args.image_variations, progress=say)
+    except (LookupError, ValueError, OSError, CheckpointError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for kind, folder in written.items():
+        print(f"{kind}\t{folder}")
+    return 0
 
 
 def _import(args: argparse.Namespace) -> int:
@@ -133,6 +177,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TQDM_DISABLE", "1")
     if args.command == "import-diffusers":
         return _import(args)
+    if args.command == "export-diffusers":
+        return _export(args)
     from unclip.generation import ModelRefs, UnCLIP
     from unclip.generation.images import InputError, grid, read_image, save_pngs
     from unclip.generation.models import default_tracking_uri

@@ -12,6 +12,11 @@ models expose. Its CLIP (transformers' ``CLIPTextModelWithProjection`` /
 ``CLIPVisionModelWithProjection``) is served by a second CLIP backend
 (:mod:`unclip.interop.hf_clip`), not converted to open_clip; the why is in that module.
 
+The way back, ``unclip export-diffusers`` (:mod:`unclip.interop.diffusers_export`), writes
+registered models as an ``UnCLIPPipeline`` folder: imported models map exactly (they are diffusers'
+modules); our own model kinds do not map onto the pipeline's classes and are refused, each
+component named with the reason (the table is in that module and in the README).
+
 Nothing here is imported by ``import unclip``; transformers is imported only by
 :mod:`unclip.interop.hf_clip` and :mod:`unclip.interop.diffusers_import`, when an imported CLIP
 is loaded or a pipeline is imported (the ``diffusers`` extra installs it).

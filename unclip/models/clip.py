@@ -297,12 +297,11 @@ def load_clip(source: str, arch: str | None = None) -> ClipEncoder:
             from unclip.interop.hf_clip import load_hf_clip  # imported CLIPs (import-diffusers)
 
             return load_hf_clip(source)
-        state, meta = checkpoint.load(source, KIND)
+        raw = storage.read_bytes(storage.join(source, checkpoint.WEIGHTS))  # read once: load + digest
         model = create_custom(meta["config"])
-        checkpoint.load_into(model, state, source, "CLIP")
-        digest = _digest(storage.read_bytes(storage.join(source, checkpoint.WEIGHTS)))
+        checkpoint.load_into(model, checkpoint.parse_weights(raw, source), source, "CLIP")
         return ClipEncoder(model, {"arch": "custom", "source": source, "kind": "checkpoint",
-                                   "digest": digest}, meta["config"])
+                                   "digest": _digest(raw)}, meta["config"])
     return _load_open_clip(kind, source, _need_arch(source, arch))
 
 

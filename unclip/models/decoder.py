@@ -155,6 +155,12 @@ class Decoder(nn.Module):
     def resolution(self) -> int:
         return int(self.cfg.resolution)
 
+    @property
+    def _attended_token_counts(self) -> frozenset[int]:
+        """Image tokens at each level whose attention reads the context (the middle block too)."""
+        sides = _level_sides(self.cfg)
+        return frozenset(s * s for s in sides if s in self.cfg.attention_resolutions) | {sides[-1] ** 2}
+
     def context(self, image_embed: torch.Tensor, text_states: torch.Tensor | None,
                 text_mask: torch.Tensor | None, drop_clip: torch.Tensor | None,
                 drop_caption: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -200,6 +206,12 @@ class Decoder(nn.Module):
         z, ctx, mask = self.context(image_embed, text_states, text_mask, drop_clip, drop_caption)
         if self.cfg.use_caption and self.cfg.caption_in_time:
             z = torch.cat([z, self.final_caption_token(ctx, mask)], 1)
+        if ctx.shape[1] in self._attended_token_counts:
+            # diffusers pads the context mask with the image tokens' positions only when the two
+            # lengths differ (Attention.prepare_attention_mask): equal lengths would crash the
+            # attention. One more masked-out token changes nothing and keeps them apart.
+            ctx = nn.functional.pad(ctx, (0, 0, 0, 1))
+            mask = nn.functional.pad(mask, (0, 1), value=False)
         p = self.cfg.patch_size
         x = nn.functional.pixel_unshuffle(x_t, p) if p > 1 else x_t
         out = self.unet(x, t, encoder_hidden_states=ctx, class_labels=z,
