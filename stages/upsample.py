@@ -27,7 +27,7 @@ from unclip.data.degradations import KINDS, config_for, degrade
 from unclip.data.loading import iter_decoded
 from unclip.data.shards import list_shards
 from unclip.diffusion import GaussianDiffusion
-from stages.init_from import conflict, init_metrics, resolve_init
+from stages.init_from import InitSource, conflict, init_metrics, resolve_init
 from unclip.models.upsampler import KIND as UPSAMPLER_KIND
 from unclip.models.upsampler import Upsampler, build_config
 from unclip.registry import register_checkpoint
@@ -43,6 +43,13 @@ def model_config(c: Any) -> dict[str, Any]:
     return build_config({**to_container(c.model), "scale": int(c.scale), "kind": str(c.kind),
                          "diffusion": to_container(c.diffusion),
                          "sampler": str(c.sampling.sampler), "steps": int(c.sampling.steps)})
+
+
+def init_config(init: InitSource, stage: str, scale: int, kind: str) -> dict[str, Any]:
+    """The config of an upsampler fine-tuned from ``init``: the source's architecture, diffusion
+    and sampler, with this stage's degradation kind; its scale must be the stage's."""
+    conflict(stage, "scale", int(init.config.get("scale", 0)), scale, f"{stage}.scale")
+    return build_config({**init.config, "kind": kind})
 
 
 def sizes(c: Any) -> tuple[int, int, int]:
@@ -61,9 +68,8 @@ def run(ctx: StageContext) -> StageResult:
     high, low, crop = sizes(c)
     mcfg = model_config(c)
     init = resolve_init(c.get("init_from"), ctx.name, (UPSAMPLER_KIND,))
-    if init is not None:  # the source's architecture, diffusion and sampler; this stage's data
-        conflict(ctx.name, "scale", int(init.config.get("scale", 0)), int(c.scale), f"{ctx.name}.scale")
-        mcfg = build_config({**init.config, "kind": str(c.kind)})
+    if init is not None:
+        mcfg = init_config(init, ctx.name, int(c.scale), str(c.kind))
     multiple = Upsampler.multiple_for(mcfg)
     if crop % multiple or high % multiple:
         raise ValueError(f"{ctx.name}: crop {crop} and high_res {high} must be divisible by "

@@ -203,8 +203,14 @@ def test_a_resumed_training_continues_from_its_own_checkpoint(tmp_path, monkeypa
 
 
 def test_changed_weights_and_wrong_or_imported_sources_are_refused(tmp_path):
+    from stages.upsample import init_config
+
     folder = _saved(tmp_path / "up", Upsampler({"channels": [8, 16], "norm_num_groups": 4}))
     init = resolve_init(folder, "upsample1", ("upsampler",))
+    assert init_config(init, "upsample1", 4, "blur")["channels"] == [8, 16]  # the source's widths
+    with pytest.raises(InitFromError, match="upsample2.init_from: the source's scale is 4 but "
+                                            "upsample2.scale needs 2"):
+        init_config(init, "upsample2", 2, "bsr")
     with pytest.raises(InitFromError, match="holds a 'upsampler', not a decoder"):
         resolve_init(folder, "decoder", ("decoder",))
     with pytest.raises(InitFromError, match="decoder.init_from=.*nowhere"):
@@ -220,3 +226,37 @@ def test_changed_weights_and_wrong_or_imported_sources_are_refused(tmp_path):
     Upsampler({"channels": [8, 16], "norm_num_groups": 4}).save(folder)  # other weights, same place
     with pytest.raises(InitFromError, match="changed since the stage resolved them"):
         load_init_weights(Upsampler({"channels": [8, 16], "norm_num_groups": 4}), init.record())
+
+
+def test_decoder_stage_fine_tunes_the_registered_decoder(smoke_run, tmp_path):
+    """The stage end to end on the smoke run: decoder.init_from=models:/unclip-decoder@champion
+    with a stage model option that differs (ignored) and a learning rate too small to move the
+    weights: the result has the registered decoder's architecture and (to float noise) its weights,
+    and the manifest and the saved config.json name the pinned version and the weights' digest."""
+    import shutil
+
+    from pipelines.cli import main
+    from pipelines.manifest import read_manifest
+    from unclip.models.decoder import load_decoder
+
+    before = read_manifest(str(smoke_run), "decoder")
+    source = load_decoder(before.outputs["model"])
+    run_dir = tmp_path / "run"
+    shutil.copytree(smoke_run, run_dir, ignore=shutil.ignore_patterns("decoder", "decoder-*"))
+    assert main(["stage", "decoder", "preset=smoke", f"run_dir={run_dir}",
+                 "decoder.init_from=models:/unclip-decoder@champion", "decoder.model.base_channels=8",
+                 "decoder.train.total_steps=2", "decoder.train.lr=1e-12",
+                 "decoder.train.warmup_steps=0", "decoder.eval.num_images=4",
+                 "decoder.eval.neighbour_reference=false"]) == 0
+    m = read_manifest(str(run_dir), "decoder")
+    version = int(before.metrics["registered_version"])
+    assert m.metrics["init_from"] == "models:/unclip-decoder@champion"
+    assert m.metrics["init_from_pinned"] == f"models:/unclip-decoder/{version}"
+    assert m.metrics["init_from_digest"].startswith("sha256:")
+    tuned = load_decoder(m.outputs["model"])
+    assert tuned.cfg == source.cfg and tuned.cfg.base_channels != 8
+    a, b = source.state_dict(), tuned.state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    config = checkpoint.read_config(m.outputs["model"])
+    assert config["init_from"]["pinned"] == m.metrics["init_from_pinned"]
+    assert config["init_from"]["digest"] == m.metrics["init_from_digest"]
