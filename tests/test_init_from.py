@@ -162,14 +162,22 @@ def _saved(path, model) -> str:
 
 def test_prior_starts_from_a_registered_source(tmp_path, monkeypatch):
     """models:/NAME@ALIAS is pinned to its version; the prior is built from the source's config
-    (width, layers, its embedding scale); step-0 weights are the source's."""
+    (width, layers, its embedding scale); step-0 weights are the source's (the worker resolves the
+    pinned version in the same store)."""
     import mlflow
 
+    monkeypatch.setenv("UNCLIP_CACHE_DIR", str(tmp_path / "cache"))
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    try:
+        _prior_from_registry(tmp_path, monkeypatch)
+    finally:
+        mlflow.set_tracking_uri(None)
+
+
+def _prior_from_registry(tmp_path, monkeypatch):
     from stages.prior import init_config
     from unclip.registry import register_checkpoint
 
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
-    monkeypatch.setenv("UNCLIP_CACHE_DIR", str(tmp_path / "cache"))
     source = _prior(seed=2, width=48, layers=2, embed_scale=7.0)
     version, alias = register_checkpoint(_saved(tmp_path / "prior", source), "test-prior", 0.5)
     init = resolve_init(f"models:/test-prior@{alias}", "prior", ("diffusion_prior",))
