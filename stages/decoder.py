@@ -62,6 +62,11 @@ def init_config(init: InitSource, mcfg: dict[str, Any], diffusion: dict[str, Any
                  "this run's CLIP text tower")
     conflict("decoder", "resolution", model.get("resolution"), mcfg["resolution"],
              "decoder.resolution (the training images' side)")
+    was = (init.meta.get("clip") or {}).get("digest")
+    now = (getattr(clip, "identity", None) or {}).get("digest")
+    if was and now and was != now:  # same widths, another CLIP: the conditioning means other things
+        log.warning("decoder: init_from was trained on CLIP %s, this run's CLIP is %s: its "
+                    "conditioning starts from another embedding space", was, now)
     source_diffusion = dict(init.config.get("diffusion") or {})
     diffusion = {**diffusion, "learn_variance": bool(model.get("learn_variance"))}
     for key in ("num_train_timesteps", "prediction_type", "beta_schedule"):

@@ -252,7 +252,8 @@ def train_worker(config: dict[str, Any], build: Callable[[], torch.nn.Module], c
     """The one Ray Train worker of every training stage: seed -> ``build()`` -> :func:`prepare`
     (DDP or FSDP, ``config["train"]``; ``config["init"]``: the weights ``<stage>.init_from`` names,
     loaded first unless a checkpoint of this training will be restored) -> AdamW (``betas``,
-    ``eps``) -> EMA (unless ``ema`` is false) -> restore the latest checkpoint -> ``steps(worker)`` -> :func:`unclip.training.loop.train`
+    ``eps``) -> EMA (unless ``ema`` is false) -> restore the latest checkpoint -> ``steps(worker)``
+    -> :func:`unclip.training.loop.train`
     (AMP, LR schedule, non-finite cap, evaluation, checkpoints, progress; its resume rule).
     ``cfg`` is the stage's :class:`unclip.training.loop.LoopConfig`; returns the final metrics."""
     from unclip.devices import model_device

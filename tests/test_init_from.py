@@ -268,3 +268,36 @@ def test_decoder_stage_fine_tunes_the_registered_decoder(smoke_run, tmp_path):
     config = checkpoint.read_config(m.outputs["model"])
     assert config["init_from"]["pinned"] == m.metrics["init_from_pinned"]
     assert config["init_from"]["digest"] == m.metrics["init_from_digest"]
+
+
+@pytest.mark.parametrize("stage, output, overrides", [
+    ("prior", "prior", ["prior.diffusion.model.width=16", "prior.diffusion.optim.lr=1e-12",
+                        "prior.train.total_steps=2", "prior.train.warmup_steps=0",
+                        "prior.max_holdout=8"]),
+    ("upsample1", "model", ["upsample1.model.channels=[8,16]", "upsample1.model.norm_num_groups=4",
+                            "upsample1.train.lr=1e-12", "upsample1.train.total_steps=2",
+                            "upsample1.train.warmup_steps=0"]),
+])
+def test_prior_and_upsampler_stages_fine_tune_their_registered_model(smoke_run, tmp_path, stage,
+                                                                     output, overrides):
+    """As the decoder's stage test, for the diffusion prior and the first upsampler: the stage's
+    own model options are ignored, the weights are the registered model's, the source is recorded."""
+    import shutil
+
+    from pipelines.cli import main
+    from pipelines.manifest import read_manifest
+    from unclip.generation.models import DEFAULT_NAMES
+
+    name = DEFAULT_NAMES["upsampler1" if stage == "upsample1" else stage]
+    before = read_manifest(str(smoke_run), stage)
+    run_dir = tmp_path / "run"
+    shutil.copytree(smoke_run, run_dir, ignore=shutil.ignore_patterns(stage, f"{stage}-*"))
+    assert main(["stage", stage, "preset=smoke", f"run_dir={run_dir}",
+                 f"{stage}.init_from=models:/{name}@champion", *overrides]) == 0
+    m = read_manifest(str(run_dir), stage)
+    assert m.metrics["init_from_pinned"] == f"models:/{name}/{int(before.metrics['registered_version'])}"
+    src, new = checkpoint.load(before.outputs[output]), checkpoint.load(m.outputs[output])
+    assert new[1]["config"] == src[1]["config"] or stage == "upsample1" and \
+        {**new[1]["config"], "kind": None} == {**src[1]["config"], "kind": None}
+    assert all(torch.allclose(src[0][k], new[0][k], atol=1e-6) for k in src[0])
+    assert new[1]["init_from"]["digest"] == m.metrics["init_from_digest"]
