@@ -301,3 +301,36 @@ def test_prior_and_upsampler_stages_fine_tune_their_registered_model(smoke_run, 
         {**new[1]["config"], "kind": None} == {**src[1]["config"], "kind": None}
     assert all(torch.allclose(src[0][k], new[0][k], atol=1e-6) for k in src[0])
     assert new[1]["init_from"]["digest"] == m.metrics["init_from_digest"]
+
+
+def test_clip_training_starts_from_a_clip_checkpoint(tmp_path, monkeypatch):
+    """clip.init_from: a trained CLIP checkpoint's own open_clip config builds the model and its
+    weights are step 0's; beside clip.source (a CLIP used as it is) it is refused."""
+    from omegaconf import OmegaConf
+
+    from stages import clip as clip_stage
+    from unclip.models.clip import ClipEncoder, create_custom
+
+    cfg = {"embed_dim": 16, "vision_cfg": {"image_size": 16, "patch_size": 4, "width": 32,
+                                           "layers": 1, "head_width": 16},
+           "text_cfg": {"context_length": 16, "width": 24, "heads": 2, "layers": 1}}
+    torch.manual_seed(0)
+    source = ClipEncoder(create_custom(cfg), {"arch": "custom"}, cfg)
+    folder = str(tmp_path / "clip")
+    source.save(folder)
+    init = resolve_init(folder, "clip", ("clip",))
+    assert init.config == cfg
+
+    def build():
+        torch.manual_seed(4)
+        return create_custom(init.config)
+
+    def loss(m):
+        return sum(p.square().sum() for p in m.parameters() if p.requires_grad) * 1e-3
+
+    start, ema_start, final = _run_worker(monkeypatch, build, init.record(), loss)
+    assert _equal(start, source.model.state_dict()) and _equal(ema_start, source.model.state_dict())
+    assert not _equal(final, source.model.state_dict())
+    ctx = types.SimpleNamespace(stage_cfg=OmegaConf.create({"source": "ViT-B-32", "init_from": folder}))
+    with pytest.raises(InitFromError, match="set one, not both"):
+        clip_stage.run(ctx)
