@@ -22,6 +22,8 @@ from unclip.data.loading import iter_decoded
 from unclip.devices import to_device
 from unclip.data.shards import list_shards
 from unclip.eval.clip_eval import heldout_retrieval
+from stages.init_from import InitFromError, init_metrics, resolve_init
+from unclip.models.clip import KIND as CLIP_KIND
 from unclip.models.clip import ClipEncoder, create_custom, load_clip, to_model_input
 from unclip.registry import register_checkpoint
 from unclip.training.loop import LoopConfig
@@ -33,6 +35,9 @@ log = logging.getLogger("unclip")
 def run(ctx: StageContext) -> StageResult:
     c = ctx.stage_cfg
     if c.source:
+        if c.get("init_from"):
+            raise InitFromError("clip.init_from starts a CLIP training; clip.source uses a CLIP as "
+                                "it is: set one, not both")
         return _resolve(ctx)
     return _train(ctx)
 
@@ -64,6 +69,9 @@ def _resolve(ctx: StageContext) -> StageResult:
 def _train(ctx: StageContext) -> StageResult:
     c = ctx.stage_cfg
     model_cfg = to_container(c.model)
+    init = resolve_init(c.get("init_from"), "clip", (CLIP_KIND,))
+    if init is not None:
+        model_cfg = dict(init.config)  # the source's architecture
     size = int(model_cfg["vision_cfg"]["image_size"])
     shards = list_shards(ctx.input("filter", "shards"))
     frac = float(c.train.holdout_fraction)
@@ -81,6 +89,7 @@ def _train(ctx: StageContext) -> StageResult:
     per_worker = n_train // int(c.train.num_workers)
     config = {
         "model": model_cfg, "train": to_container(c.train), "n_train": n_train,
+        "init": None if init is None else init.record(),
         "steps_per_epoch": max(1, per_worker // int(c.train.batch_size)),
         "holdout": {"images": np.stack([r["image"] for r in holdout]),
                     "captions": [r["caption"] for r in holdout]},
@@ -96,12 +105,13 @@ def _train(ctx: StageContext) -> StageResult:
         model = ema.model
     encoder = ClipEncoder(model, {"arch": "custom", "source": "trained", "kind": "trained"}, model_cfg)
     folder = ctx.path("model")
-    encoder.save(folder, extra={"trained_steps": meta.get("step"), "metrics": meta.get("metrics")})
+    encoder.save(folder, extra={"trained_steps": meta.get("step"), "metrics": meta.get("metrics"),
+                                **({} if init is None else {"init_from": init.record()})})
     final = {k: float(v) for k, v in (meta.get("metrics") or {}).items()}
     version, alias = register_checkpoint(folder, str(c.register_name), final.get("val_recall_at_5"))
     return StageResult(
         outputs={"model": folder, "registered": f"models:/{c.register_name}/{version}"},
-        metrics={**final, "n_train": n_train, "n_holdout": len(holdout),
+        metrics={**final, **init_metrics(init), "n_train": n_train, "n_holdout": len(holdout),
                  "registered_version": int(version), "registered_alias": alias},
         summary=(f"held-out recall@1 {final.get('val_recall_at_1', float('nan')):.3f} "
                  f"(chance {final.get('val_chance_at_1', float('nan')):.3f}), recall@5 "

@@ -28,12 +28,14 @@ import torch
 from stages.contract import to_container
 from stages.contract import StageContext, StageResult
 from stages import training
+from stages.init_from import InitSource, conflict, init_metrics, resolve_init
 from unclip import storage
 from unclip.data.paired import PairedRows, iter_paired
 from unclip.data.shards import list_shards
 from unclip.diffusion import DiffusionConfig, GaussianDiffusion
 from unclip.eval.decoder_eval import DecoderEvaluator
 from unclip.eval.decoding import detector_scores, nearest_by_embedding, scenes_of
+from unclip.models.decoder import KIND as DECODER_KIND
 from unclip.models.decoder import Decoder, DecoderConfig, dropout_masks
 from unclip.models.decoder_sampling import caption_condition
 from unclip.registry import register_checkpoint
@@ -48,6 +50,32 @@ def model_config(ctx: StageContext, clip_dim: int, text_width: int) -> dict[str,
             "learn_variance": bool(c.diffusion.learn_variance)}
 
 
+def init_config(init: InitSource, mcfg: dict[str, Any], diffusion: dict[str, Any],
+                clip: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(model config, diffusion config) of a decoder fine-tuned from ``init``: the source's own
+    architecture (its learned variance too: the output channels follow it); the stage's resolution
+    and CLIP widths must agree with it, since the data and the CLIP are the stage's."""
+    model = dict(init.config["model"])
+    conflict("decoder", "clip_dim", model.get("clip_dim"), clip.dim, "this run's CLIP embedding")
+    if model.get("use_caption"):
+        conflict("decoder", "text_width", model.get("text_width"), clip.text_width,
+                 "this run's CLIP text tower")
+    conflict("decoder", "resolution", model.get("resolution"), mcfg["resolution"],
+             "decoder.resolution (the training images' side)")
+    was = (init.meta.get("clip") or {}).get("digest")
+    now = (getattr(clip, "identity", None) or {}).get("digest")
+    if was and now and was != now:  # same widths, another CLIP: the conditioning means other things
+        log.warning("decoder: init_from was trained on CLIP %s, this run's CLIP is %s: its "
+                    "conditioning starts from another embedding space", was, now)
+    source_diffusion = dict(init.config.get("diffusion") or {})
+    diffusion = {**diffusion, "learn_variance": bool(model.get("learn_variance"))}
+    for key in ("num_train_timesteps", "prediction_type", "beta_schedule"):
+        if key in source_diffusion and source_diffusion[key] != diffusion.get(key):
+            log.warning("decoder: init_from was trained with diffusion.%s=%r, this stage trains "
+                        "with %r", key, source_diffusion[key], diffusion.get(key))
+    return model, diffusion
+
+
 def run(ctx: StageContext) -> StageResult:
     from unclip.models.clip import load_clip
 
@@ -58,6 +86,10 @@ def run(ctx: StageContext) -> StageResult:
     clip_ref = ctx.input("clip", "model")
     clip = load_clip(clip_ref)
     mcfg = model_config(ctx, clip.dim, clip.text_width)
+    diffusion = to_container(c.diffusion)
+    init = resolve_init(c.get("init_from"), "decoder", (DECODER_KIND,))
+    if init is not None:
+        mcfg, diffusion = init_config(init, mcfg, diffusion, clip)
     DecoderConfig.from_dict(mcfg).validate()  # a bad size fails here, before any data work
 
     t0 = time.monotonic()
@@ -76,7 +108,8 @@ def run(ctx: StageContext) -> StageResult:
     log.info("decoder: %d training pairs at %d px prepared in %.1f s; %d held out", n_train, size,
              prep_s, len(holdout["captions"]))
     loop_config = {
-        "model": mcfg, "diffusion": to_container(c.diffusion), "train": to_container(c.train),
+        "model": mcfg, "diffusion": diffusion, "train": to_container(c.train),
+        "init": None if init is None else init.record(),
         "sampling": to_container(c.sampling), "eval": to_container(c.eval),
         "p_drop_clip": float(c.p_drop_clip), "p_drop_caption": float(c.p_drop_caption),
         "hflip": bool(c.hflip), "clip": clip_ref,
@@ -84,7 +117,7 @@ def run(ctx: StageContext) -> StageResult:
     }
     result = training.fit(ctx, train_loop, loop_config, int(c.train.num_workers),
                           datasets={"train": train_ds})
-    model = Decoder(DecoderConfig.from_dict(mcfg), DiffusionConfig.from_dict(to_container(c.diffusion)))
+    model = Decoder(DecoderConfig.from_dict(mcfg), DiffusionConfig.from_dict(diffusion))
     from unclip.training.state import EMA
 
     ema = EMA(model, float(c.train.ema_decay))
@@ -94,7 +127,8 @@ def run(ctx: StageContext) -> StageResult:
     folder = ctx.path("model")
     # the sampling it was scored with travels with it: the cascade's "as trained" defaults
     ema.model.save(folder, extra={"trained_steps": meta.get("step"), "metrics": final,
-                                  "clip": clip.identity, "sampling": to_container(c.sampling)})
+                                  "clip": clip.identity, "sampling": to_container(c.sampling),
+                                  **({} if init is None else {"init_from": init.record()})})
     if bool(c.eval.neighbour_reference):
         final.update(_neighbour_reference(train_ds, holdout, int(c.eval.detector_size)))
     metric_name = str(c.register_metric)
@@ -103,7 +137,7 @@ def run(ctx: StageContext) -> StageResult:
     version, alias = register_checkpoint(folder, str(c.register_name), final.get(metric_name),
                                          clip=clip_ref)
     grids = storage.list_files(ctx.path("grids"), ".png") if storage.exists(ctx.path("grids")) else []
-    metrics = {**final, "n_train": n_train, "n_holdout": len(holdout["captions"]),
+    metrics = {**final, **init_metrics(init), "n_train": n_train, "n_holdout": len(holdout["captions"]),
                "data_prep_s": round(prep_s, 2), "registered_version": int(version),
                "registered_alias": alias, "register_metric": metric_name, "grids": len(grids)}
     return StageResult(

@@ -29,7 +29,9 @@ from unclip.eval.prior_eval import validate
 from unclip.models.captions import CaptionEncoder
 from unclip.models.priors import KINDS, build_model
 from unclip.models.clip import load_clip
+from unclip.models.prior import KIND as DIFFUSION_PRIOR_KIND
 from unclip.models.prior import resolve_embed_scale
+from stages.init_from import InitFromError, InitSource, conflict, init_metrics, resolve_init
 from unclip.registry import register_checkpoint
 from unclip.training.loop import LoopConfig
 from unclip.training.state import EMA, unwrap
@@ -38,6 +40,18 @@ log = logging.getLogger("unclip")
 
 
 # ---- the stage -------------------------------------------------------------------------------
+
+
+def init_config(init: InitSource, clip: Any) -> dict[str, Any]:
+    """The model config of a diffusion prior fine-tuned from ``init``: the source's own (its
+    architecture, and the embedding scale and mean its weights were trained with); its CLIP widths
+    must be this run's CLIP's."""
+    source = dict(init.config)
+    for key, needed, why in (("dim", clip.dim, "this run's CLIP embedding"),
+                             ("text_width", clip.text_width, "this run's CLIP text tower"),
+                             ("max_text_len", clip.context_length, "this run's CLIP context")):
+        conflict("prior", key, source.get(key), needed, why)
+    return source
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -81,7 +95,15 @@ def run(ctx: StageContext) -> StageResult:
         model_cfg["num_buckets"] = pca.num_buckets
         sim_edges = similarity_edges(stats["sims"], int(model_cfg["sim_buckets"]))
         extra["pca"] = pca_folder
+    init = None
+    if c.get("init_from"):
+        if kind != "diffusion":
+            raise InitFromError(f"prior.init_from: fine-tuning prior.kind={kind} is not supported "
+                                "yet (only the diffusion prior)")
+        init = resolve_init(c.init_from, "prior", (DIFFUSION_PRIOR_KIND,))
+        model_cfg = init_config(init, clip)
     loop_config = {
+        "init": None if init is None else init.record(),
         "kind": kind, "model": model_cfg, "sampling": spec["sampling"], "optim": spec["optim"],
         "train": to_container(c.train), "clip": clip_source, "pca": pca_folder,
         "sim_edges": None if sim_edges is None else sim_edges.tolist(),
@@ -99,10 +121,11 @@ def run(ctx: StageContext) -> StageResult:
     final = {k: float(v) for k, v in (meta.get("metrics") or {}).items()}
     folder = ctx.path("model")
     ema.model.save(folder, extra={"trained_steps": meta.get("step"), "metrics": final,
-                                  "clip": clip.identity, "sampling": spec["sampling"], **extra})
+                                  "clip": clip.identity, "sampling": spec["sampling"], **extra,
+                                  **({} if init is None else {"init_from": init.record()})})
     version, alias = register_checkpoint(folder, str(c.register_name), final.get("val_cosine"),
                                          clip=clip_source)
-    metrics = {**final, "n_train": stats["n"], "n_holdout": len(holdout["captions"]),
+    metrics = {**final, **init_metrics(init), "n_train": stats["n"], "n_holdout": len(holdout["captions"]),
                "trained_steps": int(meta.get("step", 0)), "registered_version": int(version),
                "registered_alias": alias}
     if kind == "diffusion":

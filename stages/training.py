@@ -249,8 +249,10 @@ def train_worker(config: dict[str, Any], build: Callable[[], torch.nn.Module], c
                  steps: Callable[[Worker], Steps], *, ema: bool = True,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> dict[str, float]:
     """The one Ray Train worker of every training stage: seed -> ``build()`` -> :func:`prepare`
-    (DDP or FSDP, ``config["train"]``) -> AdamW (``betas``, ``eps``) -> EMA (unless ``ema`` is
-    false) -> restore the latest checkpoint -> ``steps(worker)`` -> :func:`unclip.training.loop.train`
+    (DDP or FSDP, ``config["train"]``; ``config["init"]``: the weights ``<stage>.init_from`` names,
+    loaded first unless a checkpoint of this training will be restored) -> AdamW (``betas``,
+    ``eps``) -> EMA (unless ``ema`` is false) -> restore the latest checkpoint -> ``steps(worker)``
+    -> :func:`unclip.training.loop.train`
     (AMP, LR schedule, non-finite cap, evaluation, checkpoints, progress; its resume rule).
     ``cfg`` is the stage's :class:`unclip.training.loop.LoopConfig`; returns the final metrics."""
     from unclip.devices import model_device
@@ -265,7 +267,15 @@ def train_worker(config: dict[str, Any], build: Callable[[], torch.nn.Module], c
         import mlflow
 
         mlflow.set_tracking_uri(config["mlflow"]["tracking_uri"])  # a models:/ CLIP resolves here
-    model = prepare(build(), t)
+    built = build()
+    init = config.get("init")  # <stage>.init_from, resolved by the driver (stages.init_from)
+    if init and not session.has_checkpoint():  # a resumed training continues from its own state
+        from stages.init_from import load_init_weights
+
+        load_init_weights(built, init)
+        if session.is_main:
+            _say(f"[unclip] starting from {init['uri']} ({init['pinned']}, {init['digest'][:19]})")
+    model = prepare(built, t)
     optimizer = loop.make_optimizer(model, cfg, betas, eps)
     average = make_ema(model, cfg.ema_decay) if ema else None  # sharded like the model under FSDP
     meta = session.restore(model, optimizer, average)
@@ -296,6 +306,12 @@ class WorkerSession:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    def has_checkpoint(self) -> bool:
+        """Whether :meth:`restore` will find a training state (registered or persisted)."""
+        import ray.train
+
+        return ray.train.get_checkpoint() is not None or latest_persisted(self.checkpoint_dir)[1] is not None
 
     def restore(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
                 ema: EMA | None) -> dict[str, Any]:

@@ -27,6 +27,8 @@ from unclip.data.degradations import KINDS, config_for, degrade
 from unclip.data.loading import iter_decoded
 from unclip.data.shards import list_shards
 from unclip.diffusion import GaussianDiffusion
+from stages.init_from import InitSource, conflict, init_metrics, resolve_init
+from unclip.models.upsampler import KIND as UPSAMPLER_KIND
 from unclip.models.upsampler import Upsampler, build_config
 from unclip.registry import register_checkpoint
 from unclip.training.loop import LoopConfig
@@ -41,6 +43,13 @@ def model_config(c: Any) -> dict[str, Any]:
     return build_config({**to_container(c.model), "scale": int(c.scale), "kind": str(c.kind),
                          "diffusion": to_container(c.diffusion),
                          "sampler": str(c.sampling.sampler), "steps": int(c.sampling.steps)})
+
+
+def init_config(init: InitSource, stage: str, scale: int, kind: str) -> dict[str, Any]:
+    """The config of an upsampler fine-tuned from ``init``: the source's architecture, diffusion
+    and sampler, with this stage's degradation kind; its scale must be the stage's."""
+    conflict(stage, "scale", int(init.config.get("scale", 0)), scale, f"{stage}.scale")
+    return build_config({**init.config, "kind": kind})
 
 
 def sizes(c: Any) -> tuple[int, int, int]:
@@ -58,6 +67,9 @@ def run(ctx: StageContext) -> StageResult:
     c = ctx.stage_cfg
     high, low, crop = sizes(c)
     mcfg = model_config(c)
+    init = resolve_init(c.get("init_from"), ctx.name, (UPSAMPLER_KIND,))
+    if init is not None:
+        mcfg = init_config(init, ctx.name, int(c.scale), str(c.kind))
     multiple = Upsampler.multiple_for(mcfg)
     if crop % multiple or high % multiple:
         raise ValueError(f"{ctx.name}: crop {crop} and high_res {high} must be divisible by "
@@ -83,6 +95,7 @@ def run(ctx: StageContext) -> StageResult:
     grid_uri = ctx.path("samples.png")
     loop_config = {
         "stage": ctx.name, "model": mcfg, "kind": str(c.kind), "crop": crop,
+        "init": None if init is None else init.record(),
         "degradation": to_container(c.degradation), "train": to_container(c.train),
         "validation": to_container(c.validation), "holdout": holdout, "grid_uri": grid_uri,
     }
@@ -97,7 +110,8 @@ def run(ctx: StageContext) -> StageResult:
     if "val_psnr_sharp" not in final:
         raise RuntimeError(f"{ctx.name}: training ended without a validation ({sorted(final)})")
     folder = ctx.path("model")
-    ema.model.save(folder, extra={"trained_steps": meta.get("step"), "metrics": final})
+    ema.model.save(folder, extra={"trained_steps": meta.get("step"), "metrics": final,
+                                  **({} if init is None else {"init_from": init.record()})})
     _log_grid(grid_uri, ctx.name)
     # champion by the sharp-input score: it does not depend on the degradation config, and sharp
     # inputs are what the cascade gives
@@ -105,7 +119,7 @@ def run(ctx: StageContext) -> StageResult:
     return StageResult(
         outputs={"model": folder, "registered": f"models:/{c.register_name}/{version}",
                  "samples": grid_uri},
-        metrics={**final, "n_train": n_train, "n_holdout": len(holdout), "low_res": low,
+        metrics={**final, **init_metrics(init), "n_train": n_train, "n_holdout": len(holdout), "low_res": low,
                  "high_res": high, "crop": crop, "registered_version": int(version),
                  "registered_alias": alias},
         summary=(f"{c.kind} x{c.scale} {low}->{high}: held-out PSNR {final['val_psnr']:.2f} dB "

@@ -235,6 +235,10 @@ def test_an_added_key_counts_in_the_hash_only_once_set():
         assert key.split(".")[-1] in base[stage][key.split(".")[0]]
         changed = load_config(["preset=smoke", f"{stage}.{key}={value}"])
         assert stage_config_hash(g[stage], changed) != stage_config_hash(g[stage], base)
+    for stage in ("clip", "prior", "decoder", "upsample1", "upsample2"):  # fine-tuning's source
+        assert base[stage].init_from == ""
+        changed = load_config(["preset=smoke", f"{stage}.init_from=models:/unclip-{stage}@champion"])
+        assert stage_config_hash(g[stage], changed) != stage_config_hash(g[stage], base)
 
 
 def test_the_held_out_split_is_one_top_level_setting():

@@ -89,3 +89,6 @@ class ClipStage:
     register_name: str = DEFAULT_NAMES["clip"]  # MLflow registered model name for a CLIP trained here
     model: ClipModel = field(default_factory=ClipModel)
     train: ClipTrain = field(default_factory=ClipTrain)
+    # fine-tune: train (source unset) starting from this CLIP checkpoint (models:/NAME@ALIAS,
+    # /VERSION or a folder), built from its own config (model options ignored)
+    init_from: str = added(option(""))

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from omegaconf import II
 
-from pipelines.schema.derive import SHARDING, Seed, combine, derive
+from pipelines.schema.derive import SHARDING, Seed, added, combine, derive
 from unclip.diffusion.config import DiffusionConfig
 from unclip.generation.models import DEFAULT_NAMES
 from unclip.models.decoder import DecoderConfig
@@ -66,6 +66,9 @@ class DecoderStage(derive(DecoderConfig, "DecoderOutput", only=("resolution", "u
     register_name: str = DEFAULT_NAMES["decoder"]
     # the champion alias follows this held-out score (val_clip_cosine without ground-truth scenes)
     register_metric: str = "val_object"
+    # fine-tune: start from this decoder (models:/NAME@ALIAS, models:/NAME/VERSION or a checkpoint
+    # folder), built from its own config (model options and diffusion.learn_variance ignored)
+    init_from: str = added(option(""))
     model: DecoderModel = field(default_factory=DecoderModel)
     diffusion: DecoderDiffusion = field(default_factory=DecoderDiffusion)
     train: DecoderTrain = field(default_factory=DecoderTrain)

@@ -8,7 +8,7 @@ from typing import Any
 
 from omegaconf import II
 
-from pipelines.schema.derive import SHARDING, Seed, combine, derive
+from pipelines.schema.derive import SHARDING, Seed, added, combine, derive
 from unclip.diffusion.config import DiffusionConfig
 from unclip.generation.models import DEFAULT_NAMES
 from unclip.models.ar_prior import ARPriorConfig, ARPriorSampling
@@ -100,3 +100,6 @@ class PriorStage:
     diffusion: DiffusionPriorSpec = field(default_factory=DiffusionPriorSpec)
     autoregressive: ARPriorSpec = field(default_factory=ARPriorSpec)
     train: PriorTrain = field(default_factory=PriorTrain)
+    # fine-tune: start from this diffusion prior (models:/NAME@ALIAS, /VERSION or a checkpoint
+    # folder), built from its own config (the kind's model options ignored)
+    init_from: str = added(option(""))

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from omegaconf import II
 
-from pipelines.schema.derive import SHARDING, Seed, combine, derive
+from pipelines.schema.derive import SHARDING, Seed, added, combine, derive
 from unclip.data.degradations import BlurConfig, BSRConfig
 from unclip.diffusion.config import DiffusionConfig
 from unclip.generation.models import DEFAULT_NAMES
@@ -65,6 +65,9 @@ class Upsample1Stage:
     validation: UpsampleValidation = field(default_factory=UpsampleValidation)
     holdout_fraction: float = II("holdout_fraction")  # the same held-out keys as every stage
     register_name: str = DEFAULT_NAMES["upsampler1"]
+    # fine-tune: start from this upsampler (models:/NAME@ALIAS, /VERSION or a checkpoint folder),
+    # built from its own config (model, diffusion and sampling options ignored; same scale)
+    init_from: str = added(option(""))
 
 
 @dataclass
