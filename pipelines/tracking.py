@@ -74,21 +74,42 @@ def _redact(uri: str) -> str:
     return uri
 
 
+# MLflow 3 exports what set_tracking_uri / set_experiment are given as these variables; the
+# config reads MLFLOW_TRACKING_URI as the user's server, so a second run in the same process (on
+# another run_dir) would log to the first one's store. setup keeps them as the user left them.
+_MLFLOW_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")
+
+
+@contextlib.contextmanager
+def _user_env_kept() -> Iterator[None]:
+    before = {k: os.environ.get(k) for k in _MLFLOW_ENV}
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def setup(cfg: DictConfig) -> str:
-    """Point mlflow at the run's store and experiment; return the experiment id."""
+    """Point mlflow at the run's store and experiment (this process only: the user's
+    MLFLOW_* variables stay as they were); return the experiment id."""
     import mlflow
 
     logging.getLogger("alembic").setLevel(logging.WARNING)
     uri = tracking_uri(cfg)
     check_reachable(uri)
-    mlflow.set_tracking_uri(uri)
-    name = str(cfg.mlflow.experiment)
-    exp = mlflow.get_experiment_by_name(name)
-    if exp is None:
-        exp_id = mlflow.create_experiment(name, artifact_location=artifact_location(cfg))
-    else:
-        exp_id = exp.experiment_id
-    mlflow.set_experiment(experiment_id=exp_id)
+    with _user_env_kept():
+        mlflow.set_tracking_uri(uri)
+        name = str(cfg.mlflow.experiment)
+        exp = mlflow.get_experiment_by_name(name)
+        if exp is None:
+            exp_id = mlflow.create_experiment(name, artifact_location=artifact_location(cfg))
+        else:
+            exp_id = exp.experiment_id
+        mlflow.set_experiment(experiment_id=exp_id)
     return exp_id
 
 

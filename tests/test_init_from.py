@@ -168,6 +168,8 @@ def test_prior_starts_from_a_registered_source(tmp_path, monkeypatch):
 
     monkeypatch.setenv("UNCLIP_CACHE_DIR", str(tmp_path / "cache"))
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    # an experiment of this store: the active one may be an earlier pipeline run's, in another
+    mlflow.set_experiment("init-from")
     try:
         _prior_from_registry(tmp_path, monkeypatch)
     finally:

@@ -103,3 +103,30 @@ def test_server_down_mid_training_stage_loses_no_metric(mlflow_server, smoke_run
     assert m.metrics["trained_steps"] == total
     history = MlflowClient(mlflow_server.uri).get_metric_history(m.mlflow_run_id, "train_loss")
     assert sorted(h.step for h in history if h.step > 0) == list(range(10, total + 1, 10))
+
+
+def test_a_second_run_in_the_same_process_logs_to_its_own_store(tmp_path, monkeypatch):
+    """MLflow 3's set_tracking_uri exports MLFLOW_TRACKING_URI, which the config reads as the
+    user's server: after a run on A, a run on B in the same process (tests, notebooks) logged to
+    A's store. setup leaves the user's variables as they were."""
+    import os
+
+    import mlflow
+
+    from pipelines.config import load_config
+    from pipelines.tracking import setup
+
+    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+        monkeypatch.delenv(var, raising=False)
+    try:
+        setup(load_config(["preset=smoke", f"run_dir={tmp_path}/a"]))
+        assert mlflow.get_tracking_uri() == f"sqlite:///{tmp_path}/a/mlflow.db"
+        assert "MLFLOW_TRACKING_URI" not in os.environ and "MLFLOW_EXPERIMENT_ID" not in os.environ
+        setup(load_config(["preset=smoke", f"run_dir={tmp_path}/b"]))
+        assert mlflow.get_tracking_uri() == f"sqlite:///{tmp_path}/b/mlflow.db"
+        # a user's server stays the user's choice
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/server.db")
+        setup(load_config(["preset=smoke", f"run_dir={tmp_path}/c"]))
+        assert mlflow.get_tracking_uri() == os.environ["MLFLOW_TRACKING_URI"] == f"sqlite:///{tmp_path}/server.db"
+    finally:
+        mlflow.set_tracking_uri(None)
