@@ -36,8 +36,10 @@ TINY_SAMPLING = {"prior": {"sampler": "ddim", "steps": 2, "guidance_scale": 2.0,
                  "decoder": {"sampler": "ddim", "steps": 2, "guidance_scale": 2.0}}
 
 
-def build_tiny_models(root: Path) -> dict[str, str]:
-    """Random tiny clip, prior, decoder and two upsamplers as checkpoint folders (8 px base)."""
+def build_tiny_models(root: Path | str, upsamplers: int = 2, sampling: bool = True) -> dict[str, str]:
+    """Random tiny clip, prior, decoder and ``upsamplers`` upsamplers as checkpoint folders (8 px
+    base), the same weights on every call; ``sampling``: prior and decoder record
+    :data:`TINY_SAMPLING` as the settings they were "trained" with. Tests build theirs here too."""
     from unclip.diffusion import DiffusionConfig
     from unclip.models.clip import ClipEncoder, create_custom
     from unclip.models.decoder import Decoder, DecoderConfig
@@ -47,17 +49,19 @@ def build_tiny_models(root: Path) -> dict[str, str]:
     clip_cfg = {"embed_dim": 16, "vision_cfg": {"image_size": 16, "patch_size": 8, "width": 16,
                                                 "layers": 1, "head_width": 8},
                 "text_cfg": {"context_length": 16, "width": 16, "heads": 2, "layers": 1}}
+    ups = [f"upsampler{i + 1}" for i in range(upsamplers)]
+    extra = (lambda stage: {"sampling": TINY_SAMPLING[stage]}) if sampling else (lambda stage: None)
     torch.manual_seed(0)
-    folders = {k: str(root / k) for k in ("clip", "prior", "decoder", "upsampler1", "upsampler2")}
+    folders = {k: str(Path(root) / k) for k in ("clip", "prior", "decoder", *ups)}
     ClipEncoder(create_custom(clip_cfg), {"arch": "custom"}, clip_cfg).save(folders["clip"])
     DiffusionPrior(PriorConfig(dim=16, text_width=16, max_text_len=16, width=32, layers=1, heads=2,
                                diffusion={"num_train_timesteps": 100})).save(
-        folders["prior"], extra={"sampling": TINY_SAMPLING["prior"]})
+        folders["prior"], extra=extra("prior"))
     Decoder(DecoderConfig(resolution=8, clip_dim=16, text_width=16, base_channels=16, channel_mult=(1, 2),
                           attention_resolutions=(4,), head_channels=16, context_dim=32, norm_groups=8),
             DiffusionConfig(num_train_timesteps=100, learn_variance=True)).save(
-        folders["decoder"], extra={"sampling": TINY_SAMPLING["decoder"]})
-    for name in ("upsampler1", "upsampler2"):
+        folders["decoder"], extra=extra("decoder"))
+    for name in ups:
         Upsampler({"channels": [8, 8], "norm_num_groups": 4, "steps": 2,
                    "diffusion": {"num_train_timesteps": 100}}).save(folders[name])
     return folders

@@ -159,26 +159,9 @@ def test_export_refuses_a_folder_that_is_not_empty(exported, capsys):
 
 def _native(tmp_path) -> dict[str, str]:
     """Our own tiny models, one per stage, saved as checkpoint folders."""
-    from unclip.diffusion import DiffusionConfig
-    from unclip.models.clip import ClipEncoder, create_custom
-    from unclip.models.decoder import Decoder, DecoderConfig
-    from unclip.models.prior import DiffusionPrior, PriorConfig
-    from unclip.models.upsampler import Upsampler
+    from bench.serving import build_tiny_models
 
-    clip_cfg = {"embed_dim": 16, "vision_cfg": {"image_size": 16, "patch_size": 8, "width": 16,
-                                                "layers": 1, "head_width": 8},
-                "text_cfg": {"context_length": 16, "width": 16, "heads": 2, "layers": 1}}
-    torch.manual_seed(0)
-    folders = {k: str(tmp_path / k) for k in ("clip", "prior", "decoder", "upsampler1")}
-    ClipEncoder(create_custom(clip_cfg), {"arch": "custom"}, clip_cfg).save(folders["clip"])
-    DiffusionPrior(PriorConfig(dim=16, text_width=16, max_text_len=16, width=32, layers=1, heads=2,
-                               diffusion={"num_train_timesteps": 100})).save(folders["prior"])
-    Decoder(DecoderConfig(resolution=8, clip_dim=16, text_width=16, base_channels=16, channel_mult=(1, 2),
-                          attention_resolutions=(4,), head_channels=16, context_dim=32, norm_groups=8),
-            DiffusionConfig(num_train_timesteps=100, learn_variance=True)).save(folders["decoder"])
-    Upsampler({"channels": [8, 8], "norm_num_groups": 4, "steps": 2,
-               "diffusion": {"num_train_timesteps": 100}}).save(folders["upsampler1"])
-    return folders
+    return build_tiny_models(tmp_path, upsamplers=1, sampling=False)
 
 
 def _args(folders: dict[str, str]) -> list[str]:

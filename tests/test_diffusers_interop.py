@@ -406,29 +406,12 @@ def test_unclip_imports_without_transformers():
 def test_our_own_models_still_go_through_the_cascade(tmp_path):
     """The cascade's dispatch (our kinds or imported ones) leaves our own models as they were:
     unit-norm embeddings, our samplers, both upsamplers; the unclip sampler is refused for them."""
-    from unclip.diffusion import DiffusionConfig
+    from bench.serving import build_tiny_models
     from unclip.generation import ModelRefs, UnCLIP
     from unclip.generation.cascade import Settings
     from unclip.generation.images import InputError
-    from unclip.models.clip import ClipEncoder, create_custom
-    from unclip.models.decoder import Decoder, DecoderConfig
-    from unclip.models.prior import DiffusionPrior, PriorConfig
-    from unclip.models.upsampler import Upsampler
 
-    clip_cfg = {"embed_dim": 16, "vision_cfg": {"image_size": 16, "patch_size": 8, "width": 16,
-                                                "layers": 1, "head_width": 8},
-                "text_cfg": {"context_length": 16, "width": 16, "heads": 2, "layers": 1}}
-    torch.manual_seed(0)
-    folders = {k: str(tmp_path / k) for k in ("clip", "prior", "decoder", "upsampler1", "upsampler2")}
-    ClipEncoder(create_custom(clip_cfg), {"arch": "custom"}, clip_cfg).save(folders["clip"])
-    DiffusionPrior(PriorConfig(dim=16, text_width=16, max_text_len=16, width=32, layers=1, heads=2,
-                               diffusion={"num_train_timesteps": 100})).save(folders["prior"])
-    Decoder(DecoderConfig(resolution=8, clip_dim=16, text_width=16, base_channels=16, channel_mult=(1, 2),
-                          attention_resolutions=(4,), head_channels=16, context_dim=32, norm_groups=8),
-            DiffusionConfig(num_train_timesteps=100, learn_variance=True)).save(folders["decoder"])
-    for name in ("upsampler1", "upsampler2"):
-        Upsampler({"channels": [8, 8], "norm_num_groups": 4, "steps": 2,
-                   "diffusion": {"num_train_timesteps": 100}}).save(folders[name])
+    folders = build_tiny_models(tmp_path, sampling=False)
     model = UnCLIP(ModelRefs(**folders), device="cpu")
     assert not model.imported and not model.raw and len(model.upsamplers) == 2
     s = Settings(prior_steps=2, decoder_steps=2, upsampler_steps=2)
