@@ -109,6 +109,7 @@ def _wait_alive(proc, url: str, log: Path, timeout: float = 240) -> None:
                 raise
 
 
+@pytest.mark.slow  # starts a server process (make test-fast leaves it out)
 def test_mlflow_models_serve_answers_invocations(tiny_store, tmp_path):
     port = free_port()
     mlflow_bin = str(Path(sys.executable).parent / "mlflow")
@@ -271,6 +272,7 @@ def test_evaluate_registers_the_cascade_by_version(tiny_store):
         assert register(Ctx(), 0.1)[1] == "candidate"
 
 
+@pytest.mark.slow  # starts a server process (make test-fast leaves it out)
 def test_unclip_serve_command_serves_the_run_models(tiny_store, tmp_path):
     """`unclip serve` as a user starts it: its own local Ray, the run directory's store, loopback."""
     import signal
