@@ -30,6 +30,24 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.integration)
 
 
+MLFLOW_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_env_restored():
+    """MLflow 3's set_tracking_uri / set_experiment export MLFLOW_TRACKING_URI and
+    MLFLOW_EXPERIMENT_ID, which a pipeline's config reads as the user's server: a test that points
+    mlflow at one store would send every later test's pipeline runs (on copies of the smoke run)
+    to it. Each test leaves the variables as it found them."""
+    before = {k: os.environ.get(k) for k in MLFLOW_ENV}
+    yield
+    for k, v in before.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """A real local Ray with explicit resources and no dashboard (2-core machines)."""
