@@ -33,6 +33,14 @@ def pytest_collection_modifyitems(config, items):
 MLFLOW_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")
 
 
+def _restore_mlflow_env(before: dict) -> None:
+    for k, v in before.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 @pytest.fixture(autouse=True)
 def _mlflow_env_restored():
     """MLflow 3's set_tracking_uri / set_experiment export MLFLOW_TRACKING_URI and
@@ -41,11 +49,16 @@ def _mlflow_env_restored():
     to it. Each test leaves the variables as it found them."""
     before = {k: os.environ.get(k) for k in MLFLOW_ENV}
     yield
-    for k, v in before.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    _restore_mlflow_env(before)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _mlflow_env_restored_per_module():
+    """The same for module fixtures (test_generation's points mlflow at its smoke copy): autouse,
+    so it is set up before and torn down after every other fixture of the module."""
+    before = {k: os.environ.get(k) for k in MLFLOW_ENV}
+    yield
+    _restore_mlflow_env(before)
 
 
 @pytest.fixture(scope="session")
