@@ -156,7 +156,7 @@ def test_run_refuses_a_value_out_of_range_before_any_stage(tmp_path, capsys):
 def test_plan_prints_each_value_with_its_origin(capsys):
     from pipelines.cli import main
 
-    assert main(["plan", "preset=smoke", "decoder.train.total_steps=7", "seed=3"]) == 0
+    assert main(["plan", "--no-measure", "preset=smoke", "decoder.train.total_steps=7", "seed=3"]) == 0
     out = capsys.readouterr().out
     section = out[out.index("[decoder]"):out.index("[evaluate]")]
     rows = {r[0]: r[1:] for r in (re.split(r"\s{2,}", line.strip()) for line in section.splitlines()[1:])}

@@ -14,13 +14,24 @@ from pipelines.plan import make_plan
 STAGES = ("clip", "prior", "decoder", "upsample1", "upsample2")
 
 
-@pytest.mark.parametrize("preset", ["smoke", "tiny", "paper"])
-def test_plan_checks_and_sizes_every_preset(preset, capsys):
-    assert main(["plan", f"preset={preset}"]) == 0
+# The measured memory plan of tiny and paper takes 20 s and 50 s here: the fast tier checks and
+# sizes them (--no-measure) and measures smoke; the whole suite measures all three.
+@pytest.mark.parametrize("preset, measure", [
+    ("smoke", True), ("tiny", False), ("paper", False),
+    pytest.param("tiny", True, marks=pytest.mark.slow), pytest.param("paper", True, marks=pytest.mark.slow),
+])
+def test_plan_checks_and_sizes_every_preset(preset, measure, capsys):
+    assert main(["plan", *([] if measure else ["--no-measure"]), f"preset={preset}"]) == 0
     out = capsys.readouterr().out
     assert f"preset {preset}: every stage's options check out" in out
     for stage in STAGES:  # one row in each table
         assert len(re.findall(rf"^{stage}\s", out, re.M)) >= 2, stage
+    assert ("not measured (--no-measure)" in out) != measure
+
+
+@pytest.fixture(scope="module")
+def paper_sizes():
+    return make_plan(load_config(["preset=paper"]), measure=False)
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +39,8 @@ def paper():
     return make_plan(load_config(["preset=paper"]))
 
 
-def test_paper_sizes_are_near_table_3(paper):
+def test_paper_sizes_are_near_table_3(paper_sizes):
+    paper = paper_sizes
     # Table 3: 3.5B for the decoder counts GLIDE's ~1.2B text transformer, which this decoder does
     # not have (it reads the CLIP text tower's states): its ~2.3B UNet is the comparable part.
     assert 1.8e9 < paper.params("decoder") < 3.5e9
@@ -41,7 +53,8 @@ def test_paper_sizes_are_near_table_3(paper):
     assert paper.clip["embedding dim"] == 1024 and paper.clip["context length"] == 77
 
 
-def test_paper_memory_and_batches(paper):
+def test_paper_memory_and_batches(paper_sizes):
+    paper = paper_sizes
     rows = {r.built.name: r for r in paper.rows}
     clip = paper.params("CLIP (frozen)")
     dec = rows["decoder"]
@@ -87,16 +100,15 @@ def test_clip_dims_come_from_the_configured_source(tmp_path):
             "text_cfg": {"context_length": 12, "width": 40, "heads": 2, "layers": 1}}
     folder = str(tmp_path / "clip")
     ClipEncoder(create_custom(arch), {"arch": "custom"}, arch).save(folder)
-    plan = make_plan(load_config(["preset=smoke", f"clip.source={folder}"]))
+    plan = make_plan(load_config(["preset=smoke", f"clip.source={folder}"]), measure=False)
     assert (plan.clip["embedding dim"], plan.clip["text width"], plan.clip["context length"]) == (48, 40, 12)
     rows = {r.built.name: r for r in plan.rows}
     assert not rows["CLIP (frozen)"].built.trained and rows["decoder"].frozen == plan.params("CLIP (frozen)")
     weights = tmp_path / "clip.safetensors"
     weights.write_bytes(b"")  # plan never opens it
-    plan = make_plan(load_config(["preset=smoke", f"clip.source={weights}", "clip.arch=ViT-B-32"]))
+    plan = make_plan(load_config(["preset=smoke", f"clip.source={weights}", "clip.arch=ViT-B-32"]),
+                     measure=False)
     assert plan.clip["embedding dim"] == 512 and 140e6 < plan.params("CLIP (frozen)") < 160e6
-    # the memory plan measures every trained model's step, or says why it cannot
-    assert all(m.measured is not None or m.reason.startswith("not planned") for m in plan.memory)
 
 
 # ---- the memory plan ------------------------------------------------------------------------------
@@ -192,6 +204,7 @@ def test_live_storage_count_matches_the_allocator_and_autograd(smoke):
             del loss
 
 
+@pytest.mark.slow
 def test_paper_memory_plan(paper, capsys):
     """Every paper-size model gets a fitting per-GPU batch (or an explicit reason), and the
     measurements are what the models' arithmetic says they must be."""

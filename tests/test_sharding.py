@@ -244,6 +244,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# The FSDP runs spawn a 2-process group (20 s of the fast tier): they run with the whole suite.
+SPAWNS = pytest.mark.slow
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
     """FSDP runs (2 processes) and unsharded references (this process) of both tiny models."""
@@ -276,6 +280,7 @@ def _assert_same_state(got: dict[str, torch.Tensor], want: dict[str, torch.Tenso
 # ---- the tests --------------------------------------------------------------------------------------
 
 
+@SPAWNS
 @pytest.mark.parametrize("name", MODELS)
 def test_fsdp_steps_match_one_process_on_the_whole_batch(runs, name):
     """Weights, EMA and AdamW moments after 2 and 4 steps (gradient clipping on), and the gathered
@@ -305,6 +310,7 @@ def test_fsdp_steps_match_one_process_on_the_whole_batch(runs, name):
     assert m["dp_distinct_weights_final"] == 1 and m["dp_distinct_ema_final"] == 1
 
 
+@SPAWNS
 @pytest.mark.parametrize("name", MODELS)
 def test_a_sharded_checkpoint_loads_into_the_unsharded_model(runs, name, tmp_path):
     """As the stage registers it: the final state into a plain model and EMA, the EMA saved as a
@@ -331,6 +337,7 @@ def test_a_sharded_checkpoint_loads_into_the_unsharded_model(runs, name, tmp_pat
     assert {k[len("model."):] for k in got if k.startswith("model.")} == set(model.state_dict())
 
 
+@SPAWNS
 @pytest.mark.parametrize("name", MODELS)
 def test_resume_from_a_sharded_checkpoint_matches_an_uninterrupted_run(runs, name, tmp_path):
     """Model, EMA and optimizer restored from step 2: sharded again (2 processes) or unsharded

@@ -63,14 +63,19 @@ class Plan:
     clip: dict[str, Any]
     rows: list[Row] = field(default_factory=list)
     memory: list[memory.MemoryRow] = field(default_factory=list)  # the memory plan of each trained row
+    measured: bool = True  # False: make_plan(measure=False) ran no step, the memory plan is empty
 
     def params(self, name: str) -> int:
         """Parameters of the row whose model is ``name`` (e.g. "decoder", "diffusion prior")."""
         return next(r.built.params for r in self.rows if r.built.name == name)
 
 
-def make_plan(cfg: DictConfig) -> Plan:
-    """Check ``cfg`` (a :class:`pipelines.config.ConfigError` names the first bad key) and size it."""
+def make_plan(cfg: DictConfig, measure: bool = True) -> Plan:
+    """Check ``cfg`` (a :class:`pipelines.config.ConfigError` names the first bad key) and size it.
+
+    ``measure``: also run every trained model's step on fake tensors for the activation memory
+    plan and FLOPs (about a minute for the paper preset on 2 cores); off, the plan checks and
+    sizes only."""
     from unclip.training.loop import LoopConfig
 
     checks.check(cfg)
@@ -91,7 +96,9 @@ def make_plan(cfg: DictConfig) -> Plan:
         steps = models.named(f"{b.stage}.train", LoopConfig.from_dict, to_container(train)).total_steps
         plan.rows.append(Row(b, int(train.num_workers), int(train.batch_size), f"{steps:,}",
                              clip.params if b.stage in HOLDS_CLIP else 0))
-    plan.memory = memory.plan_memory(plan, cfg, encoder.model)
+    plan.measured = measure
+    if measure:
+        plan.memory = memory.plan_memory(plan, cfg, encoder.model)
     return plan
 
 
@@ -124,7 +131,9 @@ def format_plan(plan: Plan) -> str:
         "DDP keeps everything on every GPU; FSDP (train.parallel=fsdp) shards weights, grads, "
         "moments and EMA over the stage's num_workers. The frozen CLIP (fp32, not sharded) sits on every GPU of the prior and "
         "decoder stages. A prior row marked 'not trained' shows prior.train's figures for the other kind.",
-        "", memory.format_memory(plan.memory, _table),
+        "", memory.format_memory(plan.memory, _table) if plan.measured else
+        "memory plan: not measured (--no-measure): activations, per-GPU batches and FLOPs need each "
+        "model's step on fake tensors",
     ])
 
 
