@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from unclip.diffusion import GaussianDiffusion
+from unclip.diffusion.noise import Generators, randn
 from unclip.options import option, validate
 
 KINDS = ("blur", "bsr")
@@ -309,11 +310,11 @@ def sample_aug_levels(n: int, max_level: int, generator: torch.Generator | None 
 
 
 def augment_low_res(low: torch.Tensor, t_aug: torch.Tensor, diffusion: GaussianDiffusion,
-                    generator: torch.Generator | None = None) -> torch.Tensor:
+                    generator: Generators = None) -> torch.Tensor:
     """The low-resolution image in [-1, 1] noised by the forward process at levels ``t_aug`` (B,);
     level 0 of a diffusion schedule is still a tiny amount of noise, so pass exactly the
     ``t_aug`` the model is told."""
     if t_aug.shape != (low.shape[0],):
         raise ValueError(f"t_aug must have shape ({low.shape[0]},), got {tuple(t_aug.shape)}")
-    noise = torch.randn(low.shape, generator=generator, dtype=low.dtype).to(low.device)
+    noise = randn(low.shape, generator, dtype=low.dtype).to(low.device)
     return diffusion.q_sample(low, t_aug.to(low.device), noise)

@@ -16,6 +16,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
 from unclip.diffusion.config import DiffusionConfig
 from unclip.diffusion.gaussian import GaussianDiffusion
+from unclip.diffusion.noise import Generators, randn
 
 SAMPLERS = ("ddpm", "ddim", "dpm")
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -63,7 +64,7 @@ def ddim_timesteps(cfg: DiffusionConfig, steps: int) -> list[int]:
 
 
 def _ddim_step(gd: GaussianDiffusion, out: torch.Tensor, x: torch.Tensor, t: int, a_prev: float,
-               eta: float, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+               eta: float, generator: Generators) -> tuple[torch.Tensor, torch.Tensor]:
     """One DDIM update (Song et al. eq. 12) from level ``t`` to ``a_prev``: (x_prev, x0 estimate).
 
     With clip_sample, x0 is clamped to [-1, 1] and epsilon re-derived from it, so the step goes
@@ -79,14 +80,14 @@ def _ddim_step(gd: GaussianDiffusion, out: torch.Tensor, x: torch.Tensor, t: int
     sigma = eta * math.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)) if eta else 0.0
     x_prev = math.sqrt(a_prev) * x0 + math.sqrt(max(1 - a_prev - sigma ** 2, 0.0)) * eps
     if sigma > 0:
-        noise = torch.randn(x.shape, generator=generator, device="cpu", dtype=x.dtype)
+        noise = randn(x.shape, generator, dtype=x.dtype)
         x_prev = x_prev + sigma * noise.to(x.device)
     return x_prev, x0
 
 
 @torch.no_grad()
 def sample(denoise: Denoiser, shape: tuple[int, ...], cfg: DiffusionConfig, sampler: str = "ddim",
-           steps: int = 50, generator: torch.Generator | None = None,
+           steps: int = 50, generator: Generators = None,
            x_T: torch.Tensor | None = None, device: torch.device | str = "cpu", eta: float = 0.0,
            progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
     """Draw samples of ``shape``; ``x_T`` fixes the starting noise (variations, interpolation).
@@ -97,7 +98,7 @@ def sample(denoise: Denoiser, shape: tuple[int, ...], cfg: DiffusionConfig, samp
     """
     sched = make_scheduler(cfg, sampler, steps)
     if x_T is None:
-        x_T = torch.randn(shape, generator=generator, device="cpu")
+        x_T = randn(shape, generator)
     x = x_T.to(device)
     channels = x.shape[1]
     if sampler == "ddim":  # its learned variance, if any, is not used

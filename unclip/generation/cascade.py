@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from unclip.devices import to_numpy
+from unclip.diffusion.noise import Generators
 from unclip.models.decoder_sampling import DecoderSampling, caption_condition, decode, invert
 from unclip.models.prior import PriorSampling
 from unclip.generation.images import InputError, check_prompt, from_pil, to_pil
@@ -165,7 +166,7 @@ class UnCLIP:
             decoder_eta=float(pick(s.decoder_eta, d.get("eta", 0.0))))
 
     def prior_sample(self, prompts: Sequence[str], s: Settings | None = None,
-                     generator: torch.Generator | None = None) -> torch.Tensor:
+                     generator: Generators = None) -> torch.Tensor:
         from unclip.models.ar_prior import ARPrior
 
         self._need("prior")
@@ -184,7 +185,7 @@ class UnCLIP:
 
     @torch.no_grad()
     def decode(self, z_i: torch.Tensor, prompts: Sequence[str] | None, s: Settings,
-               generator: torch.Generator | None = None, x_T: torch.Tensor | None = None,
+               generator: Generators = None, x_T: torch.Tensor | None = None,
                inverted: bool = False) -> torch.Tensor:
         """Decoder samples (B, 3, R, R) in [-1, 1] for image embeddings (and captions); ``inverted``
         says ``x_T`` came from :meth:`invert`."""
@@ -214,7 +215,7 @@ class UnCLIP:
 
     @torch.no_grad()
     def upsample(self, base: torch.Tensor, s: Settings,
-                 generator: torch.Generator | None = None) -> list[torch.Tensor]:
+                 generator: Generators = None) -> list[torch.Tensor]:
         """The base images followed by each upsampler's output."""
         out = [base]
         for up in self.upsamplers:
@@ -230,17 +231,29 @@ class UnCLIP:
     def generate(self, prompt: str, num_images: int = 1, seed: int = 0,
                  settings: Settings | None = None) -> list[list[Image.Image]]:
         """Images for ``prompt``: a list per resolution (base first, final last)."""
-        return self.generate_many([prompt] * num_images, seed, settings)
+        return self.generate_batch([(prompt, num_images, seed)], settings)[0]
 
-    def generate_many(self, prompts: Sequence[str], seed: int = 0,
-                      settings: Settings | None = None) -> list[list[Image.Image]]:
-        """One image per prompt, all in one batch drawn from one ``seed`` (what ``unclip serve``
-        runs for concurrent requests): a list per resolution, base first."""
+    def generate_batch(self, jobs: Sequence[tuple[str, int, int]],
+                       settings: Settings | None = None) -> list[list[list[Image.Image]]]:
+        """Several ``(prompt, num_images, seed)`` requests as one cascade batch (what ``unclip
+        serve`` runs for concurrent requests); per request, a list per resolution.
+
+        Each request's rows draw only from its own seed's generator, so it gets the images it gets
+        alone (up to the float rounding of a larger batch's matmuls)."""
         s = settings or Settings()
-        g = torch.Generator().manual_seed(seed)
-        prompts = [check_prompt(p) for p in prompts]
-        z_i = self.prior_sample(prompts, s, g)
-        return self._finish(self.decode(z_i, prompts, s, g), s, g)
+        prompts: list[str] = []
+        rows: list[torch.Generator] = []
+        for prompt, n, seed in jobs:
+            g = torch.Generator().manual_seed(int(seed))
+            prompts += [check_prompt(prompt)] * int(n)
+            rows += [g] * int(n)
+        z_i = self.prior_sample(prompts, s, rows)
+        stages = self._finish(self.decode(z_i, prompts, s, rows), s, rows)
+        out, start = [], 0
+        for _prompt, n, _seed in jobs:
+            out.append([images[start:start + int(n)] for images in stages])
+            start += int(n)
+        return out
 
     def vary(self, image: Image.Image, num_images: int = 4, seed: int = 0,
              settings: Settings | None = None, noise: str = "inverted") -> list[list[Image.Image]]:

@@ -38,6 +38,7 @@ from torch import nn
 
 from unclip import checkpoint
 from unclip.diffusion import DiffusionConfig, ddim_invert, guide, sample
+from unclip.diffusion.noise import Generators, randn, repeat_rows
 
 PRIOR_KIND = "diffusers_unclip_prior"
 DECODER_KIND = "diffusers_unclip_decoder"
@@ -127,7 +128,7 @@ class KarloPrior(_NullCaption):
     def sample(self, text_tokens: torch.Tensor, text_mask: torch.Tensor, z_t: torch.Tensor,
                steps: int = PRIOR_SAMPLING["steps"], sampler: str = UNCLIP_SAMPLER,
                guidance_scale: float = PRIOR_SAMPLING["guidance_scale"], num_candidates: int = 1,
-               generator: torch.Generator | None = None, x_T: torch.Tensor | None = None) -> torch.Tensor:
+               generator: Generators = None, x_T: torch.Tensor | None = None) -> torch.Tensor:
         """Raw image embeddings (B, dim) for captions given as (token states, mask, raw z_t), as
         ``UnCLIPPipeline``'s prior loop; ``num_candidates`` > 1 keeps, per caption, the draw with
         the largest cosine to z_t (Karlo draws one)."""
@@ -146,8 +147,9 @@ class KarloPrior(_NullCaption):
             null = self.null_text(b * k)
             emb, states, mask = (torch.cat([u, c]) for u, c in zip(null, (emb, states, mask)))
         sched = _scheduler(self.scheduler_config)
+        rows = repeat_rows(generator, k)  # each caption's generator for each of its candidates
         if x_T is None:
-            x_T = torch.randn((b * k, self.dim), generator=generator, device="cpu")
+            x_T = randn((b * k, self.dim), rows)
         x = x_T.to(device).float() * sched.init_noise_sigma
         for t, prev in _pairs(sched, steps, device):
             pred = self.prior(torch.cat([x, x]) if guided else x, timestep=t, proj_embedding=emb,
@@ -155,7 +157,7 @@ class KarloPrior(_NullCaption):
             if guided:
                 uncond, cond = pred.chunk(2)
                 pred = uncond + guidance_scale * (cond - uncond)
-            x = sched.step(pred, timestep=t, sample=x, generator=generator, prev_timestep=prev).prev_sample
+            x = sched.step(pred, timestep=t, sample=x, generator=rows, prev_timestep=prev).prev_sample
         z = self.prior.post_process_latents(x)
         if k == 1:
             return z
@@ -247,7 +249,7 @@ class KarloDecoder(_NullCaption):
     def decode(self, image_embeddings: torch.Tensor, text: Text | None = None,
                guidance_scale: float = DECODER_SAMPLING["guidance_scale"],
                sampler: str = UNCLIP_SAMPLER, steps: int = DECODER_SAMPLING["steps"],
-               generator: torch.Generator | None = None, x_T: torch.Tensor | None = None,
+               generator: Generators = None, x_T: torch.Tensor | None = None,
                eta: float = 0.0, progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
         """Images (B, 3, R, R) in [-1, 1]: ``unclip`` is the pipelines' decoder loop; ``ddim``,
         ``dpm`` and ``ddpm`` are our samplers on the same process (the variance unused by DDIM)."""
@@ -261,7 +263,7 @@ class KarloDecoder(_NullCaption):
             return x.clamp(-1, 1)
         sched = _scheduler(self.scheduler_config)
         if x_T is None:
-            x_T = torch.randn(shape, generator=generator, device="cpu")
+            x_T = randn(shape, generator)
         x = x_T.to(device).float() * sched.init_noise_sigma
         pairs = _pairs(sched, _check_steps(steps, "decoder"), device)
         for i, (t, prev) in enumerate(pairs):
@@ -325,7 +327,7 @@ class KarloSuperRes(nn.Module):
 
     @torch.no_grad()
     def upsample(self, low: torch.Tensor, steps: int | None = None, sampler: str | None = None,
-                 generator: torch.Generator | None = None, x_T: torch.Tensor | None = None,
+                 generator: Generators = None, x_T: torch.Tensor | None = None,
                  progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
         """(B, 3, side, side) in [-1, 1] from ``low`` (B, 3, h, w) in [-1, 1]."""
         if sampler not in (None, UNCLIP_SAMPLER):
@@ -335,7 +337,7 @@ class KarloSuperRes(nn.Module):
         pairs = _pairs(sched, _check_steps(steps or self.steps, "super-resolution"), device)
         side, channels = self.side, int(self.first.config.in_channels) // 2
         if x_T is None:
-            x_T = torch.randn((low.shape[0], channels, side, side), generator=generator, device="cpu")
+            x_T = randn((low.shape[0], channels, side, side), generator)
         x = x_T.to(device).float() * sched.init_noise_sigma
         up = F.interpolate(low.to(device).float(), size=[side, side], mode="bicubic",
                            align_corners=False, antialias=True)

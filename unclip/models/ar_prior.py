@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from unclip import checkpoint
+from unclip.diffusion.noise import Generators, multinomial, randint, repeat_rows
 from unclip.embeddings.pca import PCA
 from unclip.models.transformer import CausalTransformer, KVCache, check_heads, check_text, null_caption
 from unclip.options import option, validate
@@ -294,7 +295,7 @@ class ARPrior(nn.Module):
     def sample_codes(self, text_tokens: torch.Tensor, text_mask: torch.Tensor, z_t: torch.Tensor,
                      guidance_scale: float = 1.0, temperature: float = 1.0,
                      sim_quantile: tuple[float, float] = (0.5, 1.0),
-                     generator: torch.Generator | None = None, use_cache: bool = True) -> torch.Tensor:
+                     generator: Generators = None, use_cache: bool = True) -> torch.Tensor:
         """Bucket codes (B, n_components), one sequence per row, drawn code by code (the
         similarity token first, uniformly from the buckets of ``sim_quantile``).
 
@@ -309,7 +310,7 @@ class ARPrior(nn.Module):
         try:
             n, bk, dev = self.cfg.n_components, z_t.shape[0], z_t.device
             lo, hi = self.sim_range(sim_quantile)
-            sim = torch.randint(lo, hi, (bk,), generator=generator).to(dev)
+            sim = randint(lo, hi, bk, generator).to(dev)
             codes = torch.zeros(bk, n, dtype=torch.long, device=dev)
             tt, tm, zt = text_tokens, text_mask, z_t
             if use_cache:
@@ -323,7 +324,7 @@ class ARPrior(nn.Module):
                         logits = self.extend(state, pair(codes[:, j - 1:j]))[:, -1]
                     logp = self.guided_log_probs(logits, guidance_scale)
                 probs = F.softmax(logp / temperature, dim=-1)
-                codes[:, j] = torch.multinomial(probs.cpu(), 1, generator=generator)[:, 0].to(dev)
+                codes[:, j] = multinomial(probs, generator).to(dev)
         finally:
             self.train(was_training)
         return codes
@@ -334,7 +335,7 @@ class ARPrior(nn.Module):
                temperature: float = ARPriorSampling.temperature,
                num_candidates: int = ARPriorSampling.num_candidates,
                sim_quantile: tuple[float, float] = ARPriorSampling.sim_quantile,
-               generator: torch.Generator | None = None, use_cache: bool = True) -> torch.Tensor:
+               generator: Generators = None, use_cache: bool = True) -> torch.Tensor:
         """Unit-norm image embeddings (B, dim). The similarity token is drawn uniformly from the
         buckets in ``sim_quantile`` of its training distribution (the top half by default); with
         several candidates the one with the largest z_i . z_t is kept. ``use_cache``: see
@@ -345,8 +346,8 @@ class ARPrior(nn.Module):
             raise ValueError("num_candidates must be >= 1")
         b, k = z_t.shape[0], int(num_candidates)
         tt, tm, zt = (v.repeat_interleave(k, 0) for v in (text_tokens, text_mask, z_t))
-        codes = self.sample_codes(tt, tm, zt, guidance_scale, temperature, sim_quantile, generator,
-                                  use_cache)
+        codes = self.sample_codes(tt, tm, zt, guidance_scale, temperature, sim_quantile,
+                                  repeat_rows(generator, k), use_cache)
         z = self.decode(codes).to(z_t.device).view(b, k, -1)
         return rerank(z, z_t)
 

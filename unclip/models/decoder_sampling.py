@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from unclip.diffusion import SAMPLERS, ddim_invert, guide, sample
+from unclip.diffusion.noise import Generators
 from unclip.devices import model_device, to_device, to_host, to_numpy
 from unclip.models.decoder import Decoder
 from unclip.options import option, validate
@@ -91,7 +92,7 @@ def make_denoiser(decoder: Decoder, image_embeddings: torch.Tensor,
 def decode(decoder: Decoder, image_embeddings: torch.Tensor, text: TextCondition | None = None,
            guidance_scale: float = DecoderSampling.guidance_scale,
            sampler: str = DecoderSampling.sampler, steps: int = DecoderSampling.steps,
-           generator: torch.Generator | None = None, x_T: torch.Tensor | None = None,
+           generator: Generators = None, x_T: torch.Tensor | None = None,
            eta: float = 0.0, progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
     """Images (B, 3, H, W) in [-1, 1] for CLIP image embeddings (B, D) [and their captions].
 

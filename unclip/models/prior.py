@@ -32,6 +32,7 @@ from torch import nn
 from unclip import checkpoint
 from unclip.diffusion import SAMPLERS, DiffusionConfig, GaussianDiffusion, guide
 from unclip.diffusion import sample as diffusion_sample
+from unclip.diffusion.noise import Generators, repeat_rows
 from unclip.models.transformer import (CausalTransformer, check_heads, check_text, null_caption,
                                        timestep_embedding)
 from unclip.options import option, validate
@@ -185,7 +186,7 @@ class DiffusionPrior(nn.Module):
                steps: int = PriorSampling.steps, sampler: str = PriorSampling.sampler,
                guidance_scale: float = PriorSampling.guidance_scale,
                num_candidates: int = PriorSampling.num_candidates,
-               generator: torch.Generator | None = None,
+               generator: Generators = None,
                eta: float = 0.0) -> torch.Tensor:
         """Unit-norm image embeddings (B, dim): ``num_candidates`` draws per caption, strided to
         ``steps`` steps, guided by ``guidance_scale``, the one with the largest z_i . z_t kept."""
@@ -208,7 +209,7 @@ class DiffusionPrior(nn.Module):
             return guide(cond, uncond, guidance_scale)
 
         x = diffusion_sample(denoise, (b * k, self.cfg.dim), self.cfg.diffusion_config, sampler,
-                             steps, generator, device=zt.device, eta=eta)
+                             steps, repeat_rows(generator, k), device=zt.device, eta=eta)
         self.train(was_training)
         z = self.from_latent(x).view(b, k, -1)
         return rerank(z, z_t)

@@ -21,6 +21,7 @@ from unclip import checkpoint
 from unclip.devices import model_device
 from unclip.data.degradations import KINDS, augment_low_res
 from unclip.diffusion import SAMPLERS, DiffusionConfig, GaussianDiffusion, sample
+from unclip.diffusion.noise import Generators
 from unclip.options import option, validate
 
 KIND = "upsampler"
@@ -136,7 +137,7 @@ class Upsampler(torch.nn.Module):
 
     @torch.no_grad()
     def upsample(self, low: torch.Tensor, steps: int | None = None, sampler: str | None = None,
-                 generator: torch.Generator | None = None, aug_level: int | None = None,
+                 generator: Generators = None, aug_level: int | None = None,
                  eta: float = 0.0, progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
         """Images ``scale`` times larger than ``low`` (B, 3, h, w) in [-1, 1], at any size (the UNet
         has no attention): few-step DDIM/DPM sampling, the input noised at a fixed small level."""

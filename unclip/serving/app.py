@@ -19,9 +19,9 @@ Sampling fields (all optional, absent = as trained): ``prior_guidance``, ``decod
 
 Each replica holds one copy of the models (one GPU per replica where the cluster has GPUs).
 Concurrent ``/generate`` requests with the same sampling settings are batched (``serve.batch``):
-their prompts run through the cascade as one batch drawn from the first request's seed, so a
-request's images are reproducible from its seed when it is served alone (``"batch": false``
-asks for that; the answer's ``batch`` field says how many requests shared its batch).
+their prompts run through the cascade as one batch, each request's rows drawn from its own seed,
+so a request gets the images it gets alone (``"batch": false`` asks for that; the answer's
+``batch`` field says how many requests shared its batch).
 """
 
 
@@ -253,7 +253,7 @@ class UnclipService:
             seed = _field(body, "seed", int, 0, lo=0, hi=2**63 - 1)
             s = parse_settings(body, self.limits)
             if body.get("batch", True) is False:
-                stages = await self._run(self.model.generate_many, [prompt] * n, seed, s)
+                stages = await self._run(self.model.generate, prompt, n, seed, s)
                 return stages[-1], {"batch": 1}
             result = await self._generate_batched((prompt, n, seed, s))
             if isinstance(result, _Raise):
@@ -264,26 +264,23 @@ class UnclipService:
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
     async def _generate_batched(self, jobs: list[tuple]) -> list[tuple[list, int]]:
-        """Concurrent /generate requests: those with the same settings run as one cascade batch
-        (one seed: the first request's); each gets its own images back. An error fails only its
-        own group."""
+        """Concurrent /generate requests: those with the same settings run as one cascade batch,
+        each request's rows drawn from its own seed (its images are those it gets alone). An
+        error fails only its own group."""
         groups: dict[tuple, list[int]] = {}
         for i, (_p, _n, _seed, s) in enumerate(jobs):
             groups.setdefault(astuple(s), []).append(i)
         results: list[Any] = [None] * len(jobs)
         for members in groups.values():
-            prompts = [p for i in members for p in [jobs[i][0]] * jobs[i][1]]
             try:
-                stages = await self._run(self.model.generate_many, prompts, jobs[members[0]][2],
-                                         jobs[members[0]][3])
+                per_job = await self._run(self.model.generate_batch, [jobs[i][:3] for i in members],
+                                          jobs[members[0]][3])
             except Exception as exc:  # noqa: BLE001 - handed back to each request of the group
                 for i in members:
                     results[i] = exc
                 continue
-            final, start = stages[-1], 0
-            for i in members:
-                results[i] = (final[start:start + jobs[i][1]], len(members))
-                start += jobs[i][1]
+            for i, stages in zip(members, per_job):
+                results[i] = (stages[-1], len(members))
         return [_Raise(r) if isinstance(r, Exception) else r for r in results]
 
     @api.post("/vary")
