@@ -426,3 +426,68 @@ def test_our_own_models_still_go_through_the_cascade(tmp_path):
     assert len(model.edit(image, "a red circle", "a blue square", 2, settings=no_up)[-1]) == 2
     with pytest.raises(InputError, match="imported decoders only"):
         model.generate("a red circle", settings=Settings(prior_steps=2, decoder_sampler="unclip"))
+
+
+def test_imported_decoder_fine_tunes_with_guidance_dropout(karlo, cascade, tmp_path):
+    """KarloDecoder.training_losses: its conditional branch is the sampler's, a row with both
+    conditions dropped is guidance's unconditional half (text_proj's learned image embedding and
+    the empty caption), and fine-tuning on shapes lowers the loss on held-out images."""
+    from unclip.data.shapes import render, sample_scene
+    from unclip.interop.karlo_models import KarloDecoder
+    from unclip.models.decoder import dropout_masks
+
+    dec = KarloDecoder.from_checkpoint(karlo.folders["decoder"])
+    rng = np.random.default_rng(0)
+    scenes = [sample_scene(rng) for _ in range(40)]
+    images = [render(s, 32) for s in scenes]
+    with torch.no_grad():
+        z = cascade.encode_images(images).float()
+        text = cascade.encode_text([s.caption for s in scenes])
+    x0 = torch.from_numpy(np.stack([np.asarray(im, np.float32) for im in images])).permute(0, 3, 1, 2)
+    x0 = x0 / 127.5 - 1
+
+    def rows(sl):
+        return z[sl], tuple(v[sl] for v in text)
+
+    def unet(cond, x, t):
+        ctx, temb, mask = cond
+        return dec.unet(sample=x, timestep=t, encoder_hidden_states=ctx, class_labels=temb,
+                        attention_mask=mask).sample
+
+    x = torch.randn((2, 3, 32, 32), generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([500, 20])
+    with torch.no_grad():
+        zs, ts = rows(slice(0, 2))
+        torch.testing.assert_close(unet(dec.conditioning(zs, ts), x, t), dec.denoiser(zs, ts, 1.0)(x, t))
+        both = torch.ones(2, dtype=torch.bool)
+        uncond = unet(dec.conditioning(zs, ts, drop_image=both, drop_text=both), x, t)
+        # guidance 0 leaves the unconditional half's mean (the variance is the conditional one's)
+        torch.testing.assert_close(uncond[:, :3], dec.denoiser(zs, ts, 0.0)(x, t)[:, :3])
+        assert not torch.allclose(uncond[:, :3], unet(dec.conditioning(zs, ts), x, t)[:, :3])
+
+    def held_out() -> float:
+        dec.eval()
+        with torch.no_grad():
+            zs, ts = rows(slice(32, 40))
+            losses = dec.training_losses(x0[32:], zs, ts, generator=torch.Generator().manual_seed(0))
+        return float(losses["loss"].mean())
+
+    before = held_out()
+    opt = torch.optim.AdamW(dec.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(2)
+    for step in range(12):
+        dec.train()
+        idx = torch.randperm(32, generator=g)[:8]
+        drop_image, drop_text = dropout_masks(8, 0.1, 0.5, g)
+        losses = dec.training_losses(x0[idx], z[idx], tuple(v[idx] for v in text), drop_image,
+                                     drop_text, generator=g)
+        assert {"mse", "vlb", "loss"} <= set(losses)  # learned_range: the bound trains the variance
+        opt.zero_grad()
+        losses["loss"].mean().backward()
+        opt.step()
+    after = held_out()
+    print(f"imported decoder, held-out loss: {before:.4f} -> {after:.4f}")
+    assert after < 0.7 * before
+    dec.save(str(tmp_path / "tuned"))
+    dec = KarloDecoder.from_checkpoint(str(tmp_path / "tuned"))
+    assert held_out() == pytest.approx(after, rel=1e-5)

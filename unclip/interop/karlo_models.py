@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from unclip import checkpoint
-from unclip.diffusion import DiffusionConfig, ddim_invert, guide, sample
+from unclip.diffusion import DiffusionConfig, GaussianDiffusion, ddim_invert, guide, sample
 from unclip.diffusion.noise import Generators, randn, repeat_rows
 
 PRIOR_KIND = "diffusers_unclip_prior"
@@ -244,6 +244,51 @@ class KarloDecoder(_NullCaption):
             return guide(cond, uncond, guidance_scale, channels=channels)
 
         return denoise
+
+    def conditioning(self, image_embeddings: torch.Tensor, text: Text | None,
+                     drop_image: torch.Tensor | None = None,
+                     drop_text: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(context, time embedding, attention mask) of one branch, as the pipelines build them.
+
+        Rows of ``drop_image`` take ``text_proj``'s learned unconditional image embedding and rows
+        of ``drop_text`` the empty caption: the inputs of guidance's unconditional half, which
+        fine-tuning must keep training (classifier-free guidance dropout)."""
+        device = self.null_text_embed.device
+        z = image_embeddings.to(device).float()
+        b = z.shape[0]
+        emb, states, mask = self.null_text(b) if text is None else \
+            (text[0].to(device).float(), text[1].to(device).float(), text[2].to(device).bool())
+        if emb.shape[0] != b:
+            raise ValueError(f"{b} image embeddings but {emb.shape[0]} captions")
+        if drop_image is not None:
+            null = self.text_proj.learned_classifier_free_guidance_embeddings.to(z.dtype)
+            z = torch.where(drop_image.to(device)[:, None], null.expand_as(z), z)
+        if drop_text is not None:
+            d = drop_text.to(device)
+            n_emb, n_states, n_mask = self.null_text(b)
+            emb = torch.where(d[:, None], n_emb, emb)
+            states = torch.where(d[:, None, None], n_states, states)
+            mask = torch.where(d[:, None], n_mask, mask)
+        context, time_embed = self.text_proj(image_embeddings=z, prompt_embeds=emb,
+                                             text_encoder_hidden_states=states,
+                                             do_classifier_free_guidance=False)
+        return context, time_embed, F.pad(mask, (self.text_proj.clip_extra_context_tokens, 0), value=True)
+
+    def training_losses(self, x0: torch.Tensor, image_embeddings: torch.Tensor, text: Text | None,
+                        drop_image: torch.Tensor | None = None, drop_text: torch.Tensor | None = None,
+                        generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """Per-sample losses of images ``x0`` (B, 3, R, R) in [-1, 1]: epsilon MSE plus, with
+        ``learned_range``, improved DDPM's variational bound on the variance channels (our
+        :class:`GaussianDiffusion`, whose learned-range variance is UnCLIPScheduler's)."""
+        context, time_embed, mask = self.conditioning(image_embeddings, text, drop_image, drop_text)
+
+        def model_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return self.unet(sample=x_t, timestep=t, encoder_hidden_states=context,
+                             class_labels=time_embed, attention_mask=mask).sample
+
+        device = self.null_text_embed.device
+        return GaussianDiffusion(self.diffusion).training_losses(model_fn, x0.to(device).float(),
+                                                                 generator=generator)
 
     @torch.no_grad()
     def decode(self, image_embeddings: torch.Tensor, text: Text | None = None,
