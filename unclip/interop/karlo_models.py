@@ -212,17 +212,23 @@ class KarloDecoder(_NullCaption):
                                learn_variance=c.get("variance_type") == "learned_range",
                                clip_sample=bool(c.get("clip_sample", True)))
 
+    def _inputs(self, image_embeddings: torch.Tensor, text: Text | None) -> tuple[torch.Tensor, Text]:
+        """The image embeddings and the caption (the empty one when None) on the model's device."""
+        device = self.null_text_embed.device
+        z = image_embeddings.to(device).float()
+        b = z.shape[0]
+        text = self.null_text(b) if text is None else \
+            (text[0].to(device).float(), text[1].to(device).float(), text[2].to(device).bool())
+        if text[0].shape[0] != b:
+            raise ValueError(f"{b} image embeddings but {text[0].shape[0]} captions")
+        return z, text
+
     def denoiser(self, image_embeddings: torch.Tensor, text: Text | None,
                  guidance_scale: float) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         """``(x_t, t) -> output`` (mean and variance channels), guidance applied as the pipelines
         do: ``uncond + s (cond - uncond)`` on the mean, the variance from the conditional half."""
-        device = self.null_text_embed.device
-        z = image_embeddings.to(device).float()
+        z, (emb, states, mask) = self._inputs(image_embeddings, text)
         b = z.shape[0]
-        emb, states, mask = self.null_text(b) if text is None else \
-            (text[0].to(device).float(), text[1].to(device).float(), text[2].to(device).bool())
-        if emb.shape[0] != b:
-            raise ValueError(f"{b} image embeddings but {emb.shape[0]} captions")
         guided = guidance_scale != 1.0
         if guided:
             emb, states, mask = (torch.cat([u, c]) for u, c in zip(self.null_text(b), (emb, states, mask)))
@@ -253,13 +259,8 @@ class KarloDecoder(_NullCaption):
         Rows of ``drop_image`` take ``text_proj``'s learned unconditional image embedding and rows
         of ``drop_text`` the empty caption: the inputs of guidance's unconditional half, which
         fine-tuning must keep training (classifier-free guidance dropout)."""
-        device = self.null_text_embed.device
-        z = image_embeddings.to(device).float()
-        b = z.shape[0]
-        emb, states, mask = self.null_text(b) if text is None else \
-            (text[0].to(device).float(), text[1].to(device).float(), text[2].to(device).bool())
-        if emb.shape[0] != b:
-            raise ValueError(f"{b} image embeddings but {emb.shape[0]} captions")
+        z, (emb, states, mask) = self._inputs(image_embeddings, text)
+        b, device = z.shape[0], z.device
         if drop_image is not None:
             null = self.text_proj.learned_classifier_free_guidance_embeddings.to(z.dtype)
             z = torch.where(drop_image.to(device)[:, None], null.expand_as(z), z)
