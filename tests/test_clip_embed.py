@@ -202,6 +202,7 @@ def test_clip_encoder_feeds_the_models_device():
     assert seen == {"meta"}, seen
 
 
+@pytest.mark.slow  # registers into a sqlite MLflow: make test runs it, make test-fast leaves it out
 def test_clip_reference_from_tag_file_and_registry(tmp_path, monkeypatch):
     """pretrained:<tag>, a weights file and a registry model each resolve to a reference folder
     that loads the same CLIP with no architecture given; changed weights are refused."""

@@ -125,6 +125,7 @@ def test_every_preset_is_in_range(preset):
     check(load_config([f"preset={preset}"]))
 
 
+@pytest.mark.slow  # a subprocess: make test runs it, make test-fast leaves it out
 def test_run_refuses_an_ill_typed_value_within_seconds_writing_nothing(tmp_path):
     """`python -m pipelines run ... decoder.train.total_steps=abc` exits 2 with one line naming the
     key, before the run lock, Ray or MLflow: the run directory is never created."""

@@ -89,6 +89,12 @@ def test_export_is_pickle_free_and_loads_in_diffusers(exported):
             assert public(pipe.components[name].config) == public(module.config), name
 
 
+# Two loads of the same weights can differ in the last bit (oneDNN picks kernels by buffer
+# alignment): 2.4e-7 seen on the image embedding, 1.9e-5 after the decoder's steps. A wrong or
+# missing weight moves outputs by more than 1e-2.
+SAME = 1e-4
+
+
 def test_exported_pipeline_samples_as_the_original_and_as_ours(exported):
     """(a) diffusers on the export == diffusers on the original == our cascade, stage by stage."""
     from unclip.generation import ModelRefs, UnCLIP
@@ -101,7 +107,8 @@ def test_exported_pipeline_samples_as_the_original_and_as_ours(exported):
     ref = _recorded(exported["pipe"], generator=torch.Generator().manual_seed(0), **kw)
     assert float(ref["embedding"].std()) > 0.05 and float(ref["decoder"].std()) > 0.05
     for stage in ("embedding", "decoder", "final"):
-        assert _close(back[stage], ref[stage]) == 0.0, stage  # the same modules: bit for bit
+        # the same modules, loaded twice: equal up to the BLAS's alignment-dependent rounding
+        assert _close(back[stage], ref[stage]) <= SAME, stage
 
     cascade = UnCLIP(ModelRefs(**exported["folders"]), device="cpu")
     g = torch.Generator().manual_seed(0)
@@ -124,7 +131,7 @@ def test_exported_variation_pipeline_samples_as_the_original(exported):
                      generator=torch.Generator().manual_seed(1), **kw)
     ref = _recorded(exported["var"], generator=torch.Generator().manual_seed(1), **kw)
     for stage in ("embedding", "decoder", "final"):
-        assert _close(back[stage], ref[stage]) == 0.0, stage
+        assert _close(back[stage], ref[stage]) <= SAME, stage
 
 
 def test_reimporting_the_export_gives_the_same_checkpoints(exported, tmp_path):

@@ -317,6 +317,7 @@ def _pngs(folder) -> list[str]:
     return sorted(p for p in os.listdir(folder) if p.endswith(".png") and "grid" not in p)
 
 
+@pytest.mark.slow  # registers into a sqlite MLflow: make test runs it, make test-fast leaves it out
 def test_import_diffusers_then_generate_vary_interpolate_edit_through_the_cli(karlo, tmp_path,
                                                                               monkeypatch, capsys):
     """`unclip import-diffusers` into a run's sqlite MLflow, then the generation commands on it."""
@@ -395,6 +396,7 @@ def test_import_from_s3_stages_no_pickles(karlo, s3_server, tmp_path, monkeypatc
     assert set(folders) == {"clip", "prior", "decoder", "upsampler1"}
 
 
+@pytest.mark.slow  # a subprocess: make test runs it, make test-fast leaves it out
 def test_unclip_imports_without_transformers():
     """The dependency direction: only an imported CLIP or an import needs transformers."""
     code = ("import sys; import unclip, unclip.cli, unclip.generation.cascade, "

@@ -47,6 +47,7 @@ def test_gpu_check_cpu_dry_run_writes_every_model(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a GPU")
+@pytest.mark.slow  # a subprocess: make test runs it, make test-fast leaves it out
 def test_gpu_check_without_cuda_fails_in_one_line(tmp_path: Path) -> None:
     proc = gpu_check("--out", str(tmp_path / "x.json"), timeout=120)
     assert proc.returncode == 2
@@ -66,6 +67,7 @@ def test_gpu_check_spent_budget_skips_every_model_with_its_reason() -> None:
     assert all(reason.startswith("time budget spent") for reason in skipped.values())
 
 
+@pytest.mark.slow  # a subprocess: make test runs it, make test-fast leaves it out
 def test_gpu_check_watchdog_stops_at_the_budget_and_writes_what_it_has(tmp_path: Path) -> None:
     out = tmp_path / "gpu_check.json"
     proc = gpu_check("--device", "cpu", "--scale", "smoke", "--budget-s", "0", "--out", str(out))

@@ -28,6 +28,7 @@ def _holder(run_dir) -> subprocess.Popen:
     return proc
 
 
+@pytest.mark.slow  # a subprocess: make test runs it, make test-fast leaves it out
 def test_second_run_on_a_local_directory_exits_at_once(tmp_path, capsys):
     """A second `pipelines run` on a held directory exits 2 at once with one line naming the holder
     and writes nothing; once the holder is killed (no clean exit) the directory is free again."""
