@@ -33,11 +33,12 @@ from unclip import storage
 from unclip.data.paired import PairedRows, iter_paired
 from unclip.data.shards import list_shards
 from unclip.diffusion import DiffusionConfig, GaussianDiffusion
-from unclip.eval.decoder_eval import DecoderEvaluator
+from unclip.eval.decoder_eval import DecoderEvaluator, ImportedDecoderEvaluator
 from unclip.eval.decoding import detector_scores, nearest_by_embedding, scenes_of
 from unclip.models.decoder import KIND as DECODER_KIND
 from unclip.models.decoder import Decoder, DecoderConfig, dropout_masks
 from unclip.models.decoder_sampling import caption_condition
+from unclip.interop.karlo_models import DECODER_KIND as IMPORTED_KIND
 from unclip.registry import register_checkpoint
 
 log = logging.getLogger("unclip")
@@ -76,6 +77,36 @@ def init_config(init: InitSource, mcfg: dict[str, Any], diffusion: dict[str, Any
     return model, diffusion
 
 
+def imported_config(init: InitSource, resolution: int, clip: Any) -> dict[str, Any]:
+    """The model config of a fine-tuned imported (Karlo) decoder: the checkpoint's own diffusers
+    configs; the stage's resolution and the run's CLIP widths must agree with them."""
+    cfg = dict(init.config)
+    conflict("decoder", "clip_embeddings_dim", cfg["text_proj"].get("clip_embeddings_dim"), clip.dim,
+             "this run's CLIP embedding")
+    conflict("decoder", "text_width", cfg.get("text_width"), clip.text_width,
+             "this run's CLIP text tower")
+    conflict("decoder", "sample_size", cfg["decoder"].get("sample_size"), resolution,
+             "decoder.resolution (the training images' side)")
+    was = (init.meta.get("clip") or {}).get("digest")
+    now = (getattr(clip, "identity", None) or {}).get("digest")
+    if was and now and was != now:
+        log.warning("decoder: the imported decoder was trained on CLIP %s, this run's CLIP is %s "
+                    "(set clip.source to the CLIP imported with it)", was, now)
+    return cfg
+
+
+def _check_norms(embeddings: str) -> None:
+    """An imported decoder reads raw CLIP embeddings: the embed stage's norms must be there."""
+    from unclip.data.paired import NoNormsError
+    from unclip.embeddings import io as eio
+
+    files = eio.list_files(embeddings)
+    if files and eio.NORM not in eio.read_file(files[0]).column_names:
+        raise NoNormsError(f"decoder.init_from: an imported decoder reads raw CLIP embeddings, but "
+                           f"{files[0]} has no {eio.NORM} column (written before norms were stored, "
+                           "or imported): re-run the embed stage (python -m pipelines stage embed --force)")
+
+
 def run(ctx: StageContext) -> StageResult:
     from unclip.models.clip import load_clip
 
@@ -87,18 +118,23 @@ def run(ctx: StageContext) -> StageResult:
     clip = load_clip(clip_ref)
     mcfg = model_config(ctx, clip.dim, clip.text_width)
     diffusion = to_container(c.diffusion)
-    init = resolve_init(c.get("init_from"), "decoder", (DECODER_KIND,))
-    if init is not None:
+    init = resolve_init(c.get("init_from"), "decoder", (DECODER_KIND, IMPORTED_KIND))
+    imported = init is not None and init.kind == IMPORTED_KIND  # a Karlo decoder: raw embeddings
+    if imported:
+        mcfg = imported_config(init, size, clip)
+        _check_norms(embeddings)
+    elif init is not None:
         mcfg, diffusion = init_config(init, mcfg, diffusion, clip)
-    DecoderConfig.from_dict(mcfg).validate()  # a bad size fails here, before any data work
+    if not imported:
+        DecoderConfig.from_dict(mcfg).validate()  # a bad size fails here, before any data work
 
     t0 = time.monotonic()
     train_ds = (ray.data.from_items([{"shard": s} for s in shards], override_num_blocks=len(shards))
-                .flat_map(PairedRows(embeddings, size, "train", frac))
+                .flat_map(PairedRows(embeddings, size, "train", frac, raw=imported))
                 .materialize())
     n_train = train_ds.count()
     prep_s = time.monotonic() - t0
-    holdout = _holdout(shards, embeddings, size, frac, int(c.eval.num_images))
+    holdout = _holdout(shards, embeddings, size, frac, int(c.eval.num_images), raw=imported)
     if n_train < int(c.train.batch_size) * int(c.train.num_workers):
         raise ValueError(f"decoder: {n_train} training pairs, fewer than one batch per worker "
                          f"({c.train.batch_size} x {c.train.num_workers})")
@@ -108,7 +144,7 @@ def run(ctx: StageContext) -> StageResult:
     log.info("decoder: %d training pairs at %d px prepared in %.1f s; %d held out", n_train, size,
              prep_s, len(holdout["captions"]))
     loop_config = {
-        "model": mcfg, "diffusion": diffusion, "train": to_container(c.train),
+        "model": mcfg, "diffusion": diffusion, "train": to_container(c.train), "imported": imported,
         "init": None if init is None else init.record(),
         "sampling": to_container(c.sampling), "eval": to_container(c.eval),
         "p_drop_clip": float(c.p_drop_clip), "p_drop_caption": float(c.p_drop_caption),
@@ -117,7 +153,7 @@ def run(ctx: StageContext) -> StageResult:
     }
     result = training.fit(ctx, train_loop, loop_config, int(c.train.num_workers),
                           datasets={"train": train_ds})
-    model = Decoder(DecoderConfig.from_dict(mcfg), DiffusionConfig.from_dict(diffusion))
+    model = build_model(mcfg, diffusion, imported)
     from unclip.training.state import EMA
 
     ema = EMA(model, float(c.train.ema_decay))
@@ -129,7 +165,14 @@ def run(ctx: StageContext) -> StageResult:
     ema.model.save(folder, extra={"trained_steps": meta.get("step"), "metrics": final,
                                   "clip": clip.identity, "sampling": to_container(c.sampling),
                                   **({} if init is None else {"init_from": init.record()})})
-    if bool(c.eval.neighbour_reference):
+    if imported:  # where fine-tuning started and where it ended, on the same held-out draws
+        from unclip.interop.karlo_models import KarloDecoder
+
+        scorer = ImportedDecoderEvaluator(holdout, clip, to_container(c.sampling), to_container(c.eval))
+        final["init_val_loss"] = scorer.heldout_loss(KarloDecoder.from_checkpoint(init.folder))
+        log.info("decoder: held-out loss of the imported decoder %.4f, fine-tuned %.4f",
+                 final["init_val_loss"], final.get("val_loss", float("nan")))
+    if bool(c.eval.neighbour_reference) and not imported:
         final.update(_neighbour_reference(train_ds, holdout, int(c.eval.detector_size)))
     metric_name = str(c.register_metric)
     if metric_name not in final or not np.isfinite(final[metric_name]):
@@ -185,11 +228,21 @@ def _summary(m: dict[str, float], version: str, alias: str, name: str) -> str:
     return "; ".join(parts)
 
 
-def _holdout(shards: list[str], embeddings: str, size: int, frac: float, n: int) -> dict[str, Any]:
+def build_model(mcfg: dict[str, Any], diffusion: dict[str, Any], imported: bool) -> torch.nn.Module:
+    """The decoder a config describes, fresh weights: ours, or an imported (Karlo) one."""
+    if imported:
+        from unclip.interop.karlo_models import KarloDecoder
+
+        return KarloDecoder.from_config(mcfg)
+    return Decoder(DecoderConfig.from_dict(mcfg), DiffusionConfig.from_dict(diffusion))
+
+
+def _holdout(shards: list[str], embeddings: str, size: int, frac: float, n: int,
+             raw: bool = False) -> dict[str, Any]:
     """The first ``n`` held-out pairs in shard order: the same fixed set in every run."""
     rows: list[dict[str, Any]] = []
     for s in shards:
-        for r in iter_paired(s, embeddings, size, "holdout", frac, with_meta=True):
+        for r in iter_paired(s, embeddings, size, "holdout", frac, with_meta=True, raw=raw):
             rows.append(r)
             if len(rows) >= n:
                 break
@@ -240,9 +293,10 @@ def train_loop(config: dict[str, Any]) -> None:
     torch.set_num_threads(training.worker_threads(t.get("torch_threads")))
     cfg = LoopConfig.from_dict({**t, "eval_every": int(config["eval"]["grid_every"])})
 
+    imported = bool(config.get("imported"))
+
     def build() -> torch.nn.Module:
-        return Decoder(DecoderConfig.from_dict(config["model"]),
-                       DiffusionConfig.from_dict(config["diffusion"]))
+        return build_model(config["model"], config["diffusion"], imported)
 
     def steps(w: training.Worker) -> training.Steps:
         if w.session.rank == 0:
@@ -251,7 +305,7 @@ def train_loop(config: dict[str, Any]) -> None:
         clip.model.requires_grad_(False)
         clip.to(w.device)
         gd = GaussianDiffusion(unwrap(w.model).diffusion)
-        use_caption = unwrap(w.model).cfg.use_caption
+        use_caption = imported or unwrap(w.model).cfg.use_caption
         gen, device = w.generator, w.device
         shard = ray.train.get_dataset_shard("train")
 
@@ -266,18 +320,30 @@ def train_loop(config: dict[str, Any]) -> None:
                 flip = torch.rand(x0.shape[0], generator=gen) < 0.5
                 x0 = torch.where(flip.view(-1, 1, 1, 1).to(device), x0.flip(-1), x0)
             z = torch.from_numpy(np.asarray(batch["image_embedding"], np.float32)).to(device)
-            text = caption_condition(clip, [str(s) for s in batch["caption"]]) if use_caption else None
             drop_clip, drop_caption = dropout_masks(x0.shape[0], config["p_drop_clip"],
                                                     config["p_drop_caption"], gen)
+            if imported:  # Karlo's caption: raw text embedding, token states, mask
+                captions = [str(s) for s in batch["caption"]]
+                text3 = tuple(torch.as_tensor(np.asarray(v)).to(device)
+                              for v in clip.encode_text_tokens(captions, normalize=False))
+                losses = unwrap(m).training_losses(x0, z, text3, drop_clip, drop_caption,
+                                                   generator=gen, model=m)
+                return {k: v.mean() for k, v in losses.items()}
+            text = caption_condition(clip, [str(s) for s in batch["caption"]]) if use_caption else None
             losses = gd.training_losses(
                 lambda x, tt: m(x, tt, z, None if text is None else text.states,
                                 None if text is None else text.mask, drop_clip, drop_caption),
                 x0, generator=gen)
             return {k: v.mean() for k, v in losses.items()}
 
-        evaluator = (DecoderEvaluator(config["holdout"], clip, config["sampling"], config["eval"],
-                                      bool(config["model"]["use_caption"]), publish_grid(config))
-                     if w.session.is_main else None)
+        if not w.session.is_main:
+            evaluator = None
+        elif imported:
+            evaluator = ImportedDecoderEvaluator(config["holdout"], clip, config["sampling"],
+                                                 config["eval"], publish_grid(config))
+        else:
+            evaluator = DecoderEvaluator(config["holdout"], clip, config["sampling"], config["eval"],
+                                         bool(config["model"]["use_caption"]), publish_grid(config))
         t_start = time.monotonic()
 
         def evaluate(ema_model: torch.nn.Module, step: int) -> dict[str, float]:

@@ -60,12 +60,15 @@ class ShardEmbedder:
             img, txt = [], []
             for i in range(0, len(rows), self.batch_size):
                 chunk = rows[i:i + self.batch_size]
-                img.append(self.encoder.encode_images([Image.fromarray(r["image"]) for r in chunk]))
+                img.append(self.encoder.encode_images([Image.fromarray(r["image"]) for r in chunk],
+                                                      normalize=False))
                 txt.append(self.encoder.encode_text([r["caption"] for r in chunk]))
             dim = self.encoder.dim
-            image = np.concatenate(img) if img else np.zeros((0, dim), np.float32)
+            # unit rows as every stage reads them, and their norms (raw = unit * norm) for models
+            # conditioned on raw projections (an imported Karlo decoder being fine-tuned)
+            image, norms = eio.unit_rows(np.concatenate(img) if img else np.zeros((0, dim), np.float32))
             text = np.concatenate(txt) if txt else np.zeros((0, dim), np.float32)
-            table = eio.to_table(keys, captions, image, text, self.encoder.identity)
+            table = eio.to_table(keys, captions, image, text, self.encoder.identity, norms)
             eio.write_table(storage.join(self.out, eio.part_name(storage.basename(str(shard)))), table)
             counts.append(len(rows))
         return {"shard": list(batch["shard"]), "rows": counts}

@@ -9,8 +9,8 @@ stage's manifest and into the saved model's ``config.json``: the result names ex
 started from. The workers load those weights (digest-checked) before the first step, unless they
 resume their own checkpoint: a resumed fine-tuning continues from where it was, not from the source.
 
-Imported diffusers models (``diffusers_unclip_*`` kinds, ``unclip import-diffusers``) are not
-trainable yet: they are refused by kind, before any data work.
+Imported diffusers models (``diffusers_unclip_*`` kinds, ``unclip import-diffusers``): the decoder
+stage fine-tunes an imported decoder; the other stages refuse them by kind, before any data work.
 """
 
 from __future__ import annotations
@@ -68,10 +68,10 @@ def resolve_init(uri: str | None, stage: str, kinds: tuple[str, ...]) -> InitSou
     except (LookupError, checkpoint.CheckpointError) as exc:
         raise InitFromError(f"{stage}.init_from={uri}: {exc}") from None
     kind = str(meta.get("kind"))
-    if kind.startswith("diffusers_unclip_"):
+    if kind.startswith("diffusers_unclip_") and kind not in kinds:
         raise InitFromError(
-            f"{stage}.init_from={uri}: holds an imported diffusers model ({kind!r}); fine-tuning "
-            f"imported models is not supported yet (only unclip's own {', '.join(kinds)} checkpoints)")
+            f"{stage}.init_from={uri}: holds an imported diffusers model ({kind!r}); this stage does "
+            f"not support fine-tuning it yet (it takes {', '.join(kinds)} checkpoints)")
     backend = (meta.get("config") or {}).get("backend") if isinstance(meta.get("config"), dict) else None
     if backend:  # the imported transformers CLIP (unclip/interop/hf_clip.py): inference only
         raise InitFromError(f"{stage}.init_from={uri}: holds an imported {backend} {kind!r}; "

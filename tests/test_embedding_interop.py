@@ -161,3 +161,25 @@ def test_export_non_numeric_names_are_numbered(tmp_path):
                                                                                  "metadata_1.parquet"]
     meta = pq.read_table(tmp_path / "cr" / "metadata" / "metadata_1.parquet")
     assert meta.column("key").to_pylist() == ["b"]
+
+
+def test_raw_embeddings_come_back_from_the_stored_norms(tmp_path):
+    """A model reading raw CLIP projections (an imported Karlo decoder) gets unit row x stored
+    norm; embeddings written without norms (older runs, imported ones) are refused by name."""
+    from unclip.data.paired import NoNormsError, shard_embeddings
+
+    rng = np.random.default_rng(0)
+    raw = rng.normal(size=(4, DIM)).astype(np.float32) * np.array([[1.0], [3.0], [7.0], [0.5]], np.float32)
+    unit, norms = eio.unit_rows(raw)
+    np.testing.assert_allclose(np.linalg.norm(unit, axis=1), 1.0, atol=1e-6)
+    keys = [f"k{i}" for i in range(4)]
+    with_norms, without = tmp_path / "with", tmp_path / "without"
+    eio.write_table(str(with_norms / "00000.parquet"),
+                    eio.to_table(keys, ["c"] * 4, unit, unit, IDENTITY, norms))
+    eio.write_table(str(without / "00000.parquet"), eio.to_table(keys, ["c"] * 4, unit, unit, IDENTITY))
+    shard = str(tmp_path / "00000.tar")
+    back = shard_embeddings(shard, str(with_norms), raw=True)
+    np.testing.assert_allclose(np.stack([back[k] for k in keys]), raw, rtol=1e-5)
+    np.testing.assert_allclose(np.stack([shard_embeddings(shard, str(with_norms))[k] for k in keys]), unit)
+    with pytest.raises(NoNormsError, match="without.*00000.parquet.*image_embedding_norm.*embed"):
+        shard_embeddings(shard, str(without), raw=True)

@@ -226,9 +226,9 @@ def test_changed_weights_and_wrong_or_imported_sources_are_refused(tmp_path):
     with pytest.raises(InitFromError, match="decoder.init_from=.*nowhere"):
         resolve_init(str(tmp_path / "nowhere"), "decoder", ("decoder",))
     imported = tmp_path / "karlo"
-    checkpoint.save(str(imported), {"w": torch.zeros(1)}, "diffusers_unclip_decoder", {"unet": {}})
-    with pytest.raises(InitFromError, match="'diffusers_unclip_decoder'.*not supported yet"):
-        resolve_init(str(imported), "decoder", ("decoder",))
+    checkpoint.save(str(imported), {"w": torch.zeros(1)}, "diffusers_unclip_prior", {"prior": {}})
+    with pytest.raises(InitFromError, match="'diffusers_unclip_prior'.*does not support fine-tuning"):
+        resolve_init(str(imported), "prior", ("diffusion_prior",))
     hf = tmp_path / "hf"
     checkpoint.save(str(hf), {"w": torch.zeros(1)}, "clip", {"backend": "transformers"})
     with pytest.raises(InitFromError, match="imported transformers 'clip'.*not supported yet"):

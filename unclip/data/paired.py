@@ -21,32 +21,54 @@ from unclip.data.shards import RawSample, iter_shard
 from unclip.embeddings import io as eio
 
 
+class NoNormsError(ValueError):
+    """Raw embeddings asked of an embed output written without their norms."""
+
+
+def _index(table, where: str, raw: bool) -> dict[str, np.ndarray]:
+    z = eio.matrix(table, "image_embedding")
+    if raw:
+        if eio.NORM not in table.column_names:
+            raise NoNormsError(
+                f"{where}: no {eio.NORM} column, so the raw CLIP embeddings this model reads cannot "
+                "be rebuilt (embeddings written before norms were stored, or imported): re-run the "
+                "embed stage (python -m pipelines stage embed --force ...)")
+        z = z * table.column(eio.NORM).to_numpy(zero_copy_only=False).astype(np.float32)[:, None]
+    return dict(zip(table.column("key").to_pylist(), z))
+
+
+def _columns(raw: bool) -> list[str] | None:
+    # raw: every column (the norm one when present; _index reports its absence)
+    return None if raw else ["key", "image_embedding"]
+
+
 @lru_cache(maxsize=4)
-def _all_embeddings(folder: str) -> dict[str, np.ndarray]:
-    table = eio.read_all(folder, ["key", "image_embedding"])
-    return dict(zip(table.column("key").to_pylist(), eio.matrix(table, "image_embedding")))
+def _all_embeddings(folder: str, raw: bool = False) -> dict[str, np.ndarray]:
+    return _index(eio.read_all(folder, _columns(raw)), folder, raw)
 
 
-def shard_embeddings(shard: str, folder: str) -> dict[str, np.ndarray]:
-    """key -> image embedding for the samples of ``shard`` (its own Parquet file when there is one)."""
+def shard_embeddings(shard: str, folder: str, raw: bool = False) -> dict[str, np.ndarray]:
+    """key -> image embedding for the samples of ``shard`` (its own Parquet file when there is one):
+    unit-norm, or with ``raw`` the CLIP projection as it was (unit row x stored norm)."""
     own = storage.join(folder, eio.part_name(storage.basename(shard)))
     if storage.exists(own):
-        table = eio.read_file(own, ["key", "image_embedding"])
-        return dict(zip(table.column("key").to_pylist(), eio.matrix(table, "image_embedding")))
-    return _all_embeddings(folder)
+        return _index(eio.read_file(own, _columns(raw)), own, raw)
+    return _all_embeddings(folder, raw)
 
 
 def iter_paired(shard: str, embeddings: str, image_size: int, split: str = "all",
-                holdout_fraction: float = 0.0, with_meta: bool = False) -> Iterator[dict[str, Any]]:
+                holdout_fraction: float = 0.0, with_meta: bool = False,
+                raw: bool = False) -> Iterator[dict[str, Any]]:
     """Rows {key, caption, image (S, S, 3) uint8, image_embedding (D,) float32[, meta]}.
 
     Samples without an embedding (dropped by the embed stage's filters) or that do not decode are
     skipped. ``split`` is "train", "holdout" or "all", by the same key hash as every stage.
     ``meta`` is the sample's JSON (the synthetic data's scene) as a string, "" when absent.
+    ``raw``: the embeddings as CLIP projected them, not unit-normalized (see shard_embeddings).
     """
     if split not in ("train", "holdout", "all"):
         raise ValueError(f"split must be train, holdout or all, got {split!r}")
-    index = shard_embeddings(shard, embeddings)
+    index = shard_embeddings(shard, embeddings, raw)
     for item in iter_shard(shard):
         if not isinstance(item, RawSample) or item.image_bytes is None or item.key not in index:
             continue
@@ -62,8 +84,8 @@ def iter_paired(shard: str, embeddings: str, image_size: int, split: str = "all"
         row = {"key": item.key, "caption": caption, "image": np.asarray(img, dtype=np.uint8),
                "image_embedding": np.asarray(index[item.key], dtype=np.float32)}
         if with_meta:
-            raw = item.files.get("json")
-            row["meta"] = raw.decode("utf-8", "replace") if raw else ""
+            meta = item.files.get("json")
+            row["meta"] = meta.decode("utf-8", "replace") if meta else ""
         yield row
 
 
@@ -72,10 +94,11 @@ class PairedRows:
 
     Lives here, not in the stage module, so Ray workers unpickle it without importing torch."""
 
-    def __init__(self, embeddings: str, size: int, split: str, fraction: float):
+    def __init__(self, embeddings: str, size: int, split: str, fraction: float, raw: bool = False):
         self.args = (embeddings, size, split, fraction)
+        self.raw = raw
 
     def __call__(self, row: dict[str, Any]) -> list[dict[str, Any]]:
         emb, size, split, frac = self.args
         return [{k: r[k] for k in ("caption", "image", "image_embedding")}
-                for r in iter_paired(row["shard"], emb, size, split, frac)]
+                for r in iter_paired(row["shard"], emb, size, split, frac, raw=self.raw)]

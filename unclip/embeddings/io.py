@@ -1,7 +1,9 @@
 """The embedding files every downstream stage reads: Parquet, one file per input shard.
 
 Columns: ``key`` (string), ``caption`` (string), ``image_embedding`` and ``text_embedding``
-(fixed-size lists of float32, L2-normalized). The CLIP that produced them is recorded in the file
+(fixed-size lists of float32, L2-normalized), and where the embed stage wrote them
+``image_embedding_norm`` (float32: the CLIP projection's norm before normalizing, which models that
+read raw embeddings, such as an imported Karlo decoder, need back). The CLIP that produced them is recorded in the file
 metadata under ``unclip.clip`` (architecture, weights source and digest, dimension), so embeddings
 from two different CLIPs are never mixed silently.
 """
@@ -22,10 +24,14 @@ META_KEY = b"unclip.clip"
 SUFFIX = ".parquet"
 
 
-def schema(dim: int, identity: dict[str, Any] | None = None) -> pa.Schema:
+NORM = "image_embedding_norm"
+
+
+def schema(dim: int, identity: dict[str, Any] | None = None, norms: bool = False) -> pa.Schema:
     vec = pa.list_(pa.float32(), dim)
     s = pa.schema([("key", pa.string()), ("caption", pa.string()),
-                   ("image_embedding", vec), ("text_embedding", vec)])
+                   ("image_embedding", vec), ("text_embedding", vec)]
+                  + ([(NORM, pa.float32())] if norms else []))
     if identity is not None:
         s = s.with_metadata({META_KEY: json.dumps(identity, sort_keys=True).encode()})
     return s
@@ -39,11 +45,20 @@ def _vectors(a: np.ndarray, dim: int) -> pa.FixedSizeListArray:
 
 
 def to_table(keys: list[str], captions: list[str | None], image: np.ndarray, text: np.ndarray,
-             identity: dict[str, Any] | None = None) -> pa.Table:
+             identity: dict[str, Any] | None = None, image_norms: np.ndarray | None = None) -> pa.Table:
     dim = int(image.shape[1]) if image.ndim == 2 else int(identity["dim"])  # type: ignore[index]
-    return pa.Table.from_arrays(
-        [pa.array(keys, pa.string()), pa.array(captions, pa.string()), _vectors(image, dim),
-         _vectors(text, dim)], schema=schema(dim, identity))
+    columns = [pa.array(keys, pa.string()), pa.array(captions, pa.string()), _vectors(image, dim),
+               _vectors(text, dim)]
+    if image_norms is not None:
+        columns.append(pa.array(np.asarray(image_norms, np.float32).reshape(-1), pa.float32()))
+    return pa.Table.from_arrays(columns, schema=schema(dim, identity, image_norms is not None))
+
+
+def unit_rows(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(L2-normalized rows, their norms) of raw CLIP projections."""
+    raw = np.asarray(raw, np.float32)
+    norms = np.linalg.norm(raw, axis=-1).astype(np.float32)
+    return raw / np.maximum(norms, 1e-12)[..., None], norms
 
 
 def write_table(uri: str, table: pa.Table) -> None:

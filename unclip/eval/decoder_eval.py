@@ -97,3 +97,74 @@ class DecoderEvaluator:
         out.update({k if final else "grid_" + k: v for k, v in self.effects(model, n_grid).items()})
         self.seconds += time.monotonic() - t0
         return out
+
+
+class ImportedDecoderEvaluator(DecoderEvaluator):
+    """The same evaluation of an imported (Karlo) decoder: it reads raw CLIP image embeddings
+    (``holdout["embeddings"]`` must be raw) and the caption as (raw text embedding, token states,
+    mask) from the CLIP text tower, and samples with its own ``decode``."""
+
+    def __init__(self, holdout: dict[str, Any], clip: Any, sampling: dict[str, Any],
+                 eval_cfg: dict[str, Any], publish: Callable[[str, bytes], None] | None = None):
+        super().__init__(holdout, clip, sampling, eval_cfg, use_caption=False, publish=publish)
+        emb, states, mask = clip.encode_text_tokens(self.captions, normalize=False)
+        self.text = tuple(torch.as_tensor(np.asarray(v)) for v in (emb, states, mask))
+
+    def _rows(self, i: int, j: int) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        return torch.from_numpy(self.embeddings[i:j]), tuple(v[i:j] for v in self.text)
+
+    def decode(self, model: Any, n: int) -> np.ndarray:
+        from unclip.models.decoder_sampling import to_uint8
+
+        s, e = self.sampling, self.eval_cfg
+        chunk = max(1, int(e.get("batch_size") or n))
+        out = []
+        was_training = model.training
+        model.eval()
+        try:
+            for i in range(0, n, chunk):
+                z, text = self._rows(i, min(n, i + chunk))
+                gen = torch.Generator().manual_seed(int(e["seed"]) + i)
+                out.append(to_uint8(model.decode(z, text, float(s["guidance_scale"]), str(s["sampler"]),
+                                                 int(s["steps"]), gen)))
+        finally:
+            model.train(was_training)
+        return np.concatenate(out) if out else np.zeros((0, *self.images.shape[1:]), np.uint8)
+
+    def effects(self, model: Any, n: int) -> dict[str, float]:
+        z, text = self._rows(0, n)
+        out = conditioning_effects(model, self.images[:n], self.embeddings[:n], text,
+                                   seed=int(self.eval_cfg["seed"]),
+                                   forward=lambda x, t, dc, dt: model(x, t, z, text, dc, dt))
+        return {"val_" + k: v for k, v in out.items()}
+
+    def __call__(self, model: Any, step: int, final: bool) -> dict[str, float]:
+        out = super().__call__(model, step, final)
+        if final:
+            t0 = time.monotonic()
+            out["val_loss"] = self.heldout_loss(model)
+            self.seconds += time.monotonic() - t0
+        return out
+
+    def heldout_loss(self, model: Any, n: int | None = None) -> float:
+        """Mean training loss (the hybrid one) on the held-out images, at timesteps and noise
+        seeded by ``eval.seed``: the same draws for every model scored, so a source and its
+        fine-tuned result compare directly."""
+        from unclip.models.decoder_sampling import from_uint8
+
+        n = len(self.captions) if n is None else n
+        e = self.eval_cfg
+        chunk = max(1, int(e.get("batch_size") or n))
+        total, was_training = 0.0, model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                for i in range(0, n, chunk):
+                    j = min(n, i + chunk)
+                    z, text = self._rows(i, j)
+                    gen = torch.Generator().manual_seed(int(e["seed"]) + i)
+                    losses = model.training_losses(from_uint8(self.images[i:j]), z, text, generator=gen)
+                    total += float(losses["loss"].sum())
+        finally:
+            model.train(was_training)
+        return total / max(1, n)

@@ -104,12 +104,14 @@ def nearest_by_embedding(queries: np.ndarray,
 
 def conditioning_effects(decoder: Any, images: np.ndarray, embeddings: np.ndarray,
                          text: Any = None, fractions: Sequence[float] = (0.9, 0.7, 0.5),
-                         seed: int = 0) -> dict[str, float]:
+                         seed: int = 0, forward: Any = None) -> dict[str, float]:
     """How much the decoder's x0 prediction for noised held-out images moves when z_i or the
     caption is dropped (RMS over pixels, in [-1, 1] units), at high and mid noise where layout and
     shape are decided; and its x0 error with everything given. A condition whose effect stays
     near 0 while training goes on is one the decoder ignores: the detector can then only score
-    what the other condition carries.
+    what the other condition carries. ``forward(x_t, t, drop_clip, drop_caption)``: how to call a
+    decoder whose conditioning is not ours (an imported one); by default
+    ``decoder(x_t, t, z, states, mask, drop_clip, drop_caption)``.
     """
     import torch
 
@@ -119,9 +121,13 @@ def conditioning_effects(decoder: Any, images: np.ndarray, embeddings: np.ndarra
     device = next(decoder.parameters()).device
     gd = GaussianDiffusion(decoder.diffusion)
     x0 = from_uint8(images).to(device)
-    z = torch.as_tensor(np.asarray(embeddings, np.float32), device=device)
-    states = None if text is None else text.states.to(device)
-    mask = None if text is None else text.mask.to(device)
+    if forward is None:
+        z = torch.as_tensor(np.asarray(embeddings, np.float32), device=device)
+        states = None if text is None else text.states.to(device)
+        mask = None if text is None else text.mask.to(device)
+
+        def forward(x_t, t, drop_clip, drop_caption):
+            return decoder(x_t, t, z, states, mask, drop_clip, drop_caption)
     b = x0.shape[0]
     yes, no = torch.ones(b, dtype=torch.bool, device=device), torch.zeros(b, dtype=torch.bool, device=device)
     gen = torch.Generator().manual_seed(seed)
@@ -135,7 +141,7 @@ def conditioning_effects(decoder: Any, images: np.ndarray, embeddings: np.ndarra
                 x_t = gd.q_sample(x0, t, torch.randn(x0.shape, generator=gen).to(device))
 
                 def x0_hat(drop_clip: torch.Tensor, drop_caption: torch.Tensor) -> torch.Tensor:
-                    out = decoder(x_t, t, z, states, mask, drop_clip, drop_caption)
+                    out = forward(x_t, t, drop_clip, drop_caption)
                     return gd.predict_x0(gd.split(out, 3)[0], x_t, t).clamp(-1, 1)
 
                 full = x0_hat(no, no)

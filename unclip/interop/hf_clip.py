@@ -160,6 +160,13 @@ class HFClipEncoder:
 
     # ---- files ----------------------------------------------------------------------------
 
+    def save_reference(self, folder: str) -> None:
+        """A reference folder naming this CLIP (the clip stage's output when ``clip.source`` is an
+        imported CLIP): later stages load it from there, digest-checked."""
+        from unclip.models.clip import save_reference
+
+        save_reference(folder, self.identity)
+
     def save(self, folder: str, extra: dict[str, Any] | None = None) -> None:
         """An unclip checkpoint folder (see the module docstring); the config is written last."""
         with tempfile.TemporaryDirectory() as tmp:

@@ -275,21 +275,29 @@ class KarloDecoder(_NullCaption):
                                              do_classifier_free_guidance=False)
         return context, time_embed, F.pad(mask, (self.text_proj.clip_extra_context_tokens, 0), value=True)
 
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, image_embeddings: torch.Tensor,
+                text: Text | None, drop_image: torch.Tensor | None = None,
+                drop_text: torch.Tensor | None = None) -> torch.Tensor:
+        """The UNet's output (mean and variance channels) of one conditioning branch: what a
+        training step calls through DDP (whose gradient hooks need the call to go through
+        ``forward``)."""
+        context, time_embed, mask = self.conditioning(image_embeddings, text, drop_image, drop_text)
+        return self.unet(sample=x_t, timestep=t, encoder_hidden_states=context,
+                         class_labels=time_embed, attention_mask=mask).sample
+
     def training_losses(self, x0: torch.Tensor, image_embeddings: torch.Tensor, text: Text | None,
                         drop_image: torch.Tensor | None = None, drop_text: torch.Tensor | None = None,
-                        generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+                        generator: torch.Generator | None = None,
+                        model: nn.Module | None = None) -> dict[str, torch.Tensor]:
         """Per-sample losses of images ``x0`` (B, 3, R, R) in [-1, 1]: epsilon MSE plus, with
         ``learned_range``, improved DDPM's variational bound on the variance channels (our
-        :class:`GaussianDiffusion`, whose learned-range variance is UnCLIPScheduler's)."""
-        context, time_embed, mask = self.conditioning(image_embeddings, text, drop_image, drop_text)
-
-        def model_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return self.unet(sample=x_t, timestep=t, encoder_hidden_states=context,
-                             class_labels=time_embed, attention_mask=mask).sample
-
+        :class:`GaussianDiffusion`, whose learned-range variance is UnCLIPScheduler's).
+        ``model``: this decoder as the step calls it (a DDP wrapper of it); itself by default."""
+        call = self if model is None else model
         device = self.null_text_embed.device
-        return GaussianDiffusion(self.diffusion).training_losses(model_fn, x0.to(device).float(),
-                                                                 generator=generator)
+        return GaussianDiffusion(self.diffusion).training_losses(
+            lambda x, t: call(x, t, image_embeddings, text, drop_image, drop_text),
+            x0.to(device).float(), generator=generator)
 
     @torch.no_grad()
     def decode(self, image_embeddings: torch.Tensor, text: Text | None = None,
@@ -333,14 +341,18 @@ class KarloDecoder(_NullCaption):
             "text_width": int(width)}, extra)
 
     @classmethod
-    def from_checkpoint(cls, folder: str) -> "KarloDecoder":
+    def from_config(cls, cfg: dict[str, Any]) -> "KarloDecoder":
+        """The architecture a checkpoint's ``config`` describes, with fresh weights (a training
+        worker builds it, then loads the source's weights or its own checkpoint)."""
         from diffusers import UNet2DConditionModel
 
+        return cls(text_proj_class().from_config(cfg["text_proj"]),
+                   UNet2DConditionModel.from_config(cfg["decoder"]), cfg["scheduler"], *_text_shapes(cfg))
+
+    @classmethod
+    def from_checkpoint(cls, folder: str) -> "KarloDecoder":
         state, meta = checkpoint.load(folder, DECODER_KIND)
-        cfg = meta["config"]
-        model = cls(text_proj_class().from_config(cfg["text_proj"]),
-                    UNet2DConditionModel.from_config(cfg["decoder"]), cfg["scheduler"], *_text_shapes(cfg))
-        return checkpoint.load_into(model, state, folder, "imported decoder")
+        return checkpoint.load_into(cls.from_config(meta["config"]), state, folder, "imported decoder")
 
 
 def text_proj_class():

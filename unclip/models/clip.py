@@ -125,9 +125,14 @@ class ClipEncoder:
     def save_reference(self, folder: str) -> None:
         """Write this CLIP's identity as a reference folder (``config.json``, no weights) that
         :func:`load_clip` loads the same CLIP from, digest-checked."""
-        storage.write_json(storage.join(folder, checkpoint.CONFIG), {
-            "format_version": checkpoint.FORMAT_VERSION, "kind": KIND, "config": None,
-            "reference": self.identity, "unclip_version": _version()})
+        save_reference(folder, self.identity)
+
+
+def save_reference(folder: str, identity: dict[str, Any]) -> None:
+    """A reference folder for the CLIP ``identity`` describes (any backend: load_clip follows it)."""
+    storage.write_json(storage.join(folder, checkpoint.CONFIG), {
+        "format_version": checkpoint.FORMAT_VERSION, "kind": KIND, "config": None,
+        "reference": identity, "unclip_version": _version()})
 
 
 def to_model_input(images: np.ndarray | torch.Tensor) -> torch.Tensor:

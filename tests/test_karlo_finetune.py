@@ -1,0 +1,96 @@
+"""The decoder stage fine-tunes an imported (diffusers / Karlo) decoder: ``clip.source`` is the CLIP
+imported with it, the embed stage stores the embeddings' norms so the raw projections Karlo reads
+come back, and ``decoder.init_from=models:/unclip-decoder@karlo`` trains the imported modules on
+the run's images (the smoke data) and registers the result in the imported layout. Tiny diffusers
+components built here (nothing downloaded), at the smoke decoder's 8 px."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import torch
+
+from test_diffusers_interop import TEXT, VARIATION, _seeded, tiny_components
+
+
+def _karlo_folders(root, side: int) -> tuple[str, str]:
+    """UnCLIPPipeline and UnCLIPImageVariationPipeline folders whose decoder draws ``side`` px."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.pipelines.deprecated.unclip import UnCLIPImageVariationPipeline, UnCLIPPipeline
+
+    c = tiny_components(str(root))
+    c["decoder"] = _seeded(0, lambda: UNet2DConditionModel(
+        sample_size=side, in_channels=3, out_channels=6,
+        down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
+        up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
+        mid_block_type="UNetMidBlock2DSimpleCrossAttn", block_out_channels=(32, 64), layers_per_block=1,
+        cross_attention_dim=100, attention_head_dim=4, resnet_time_scale_shift="scale_shift",
+        class_embed_type="identity").eval())
+    text_dir, var_dir = str(root / "karlo"), str(root / "karlo-variations")
+    UnCLIPPipeline(**{k: c[k] for k in TEXT}).save_pretrained(text_dir, safe_serialization=True)
+    UnCLIPImageVariationPipeline(**{k: c[k] for k in VARIATION}).save_pretrained(
+        var_dir, safe_serialization=True)
+    return text_dir, var_dir
+
+
+def test_decoder_stage_fine_tunes_an_imported_decoder(smoke_run, tmp_path, monkeypatch):
+    from mlflow.tracking import fluent
+
+    from pipelines.cli import main
+    from pipelines.manifest import read_manifest
+    from unclip import checkpoint
+    from unclip.cli import main as unclip_main
+    from unclip.embeddings import io as eio
+    from unclip.interop.karlo_models import DECODER_KIND, KarloDecoder
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(smoke_run, run_dir, ignore=shutil.ignore_patterns("decoder", "decoder-*"))
+    text_dir, var_dir = _karlo_folders(tmp_path, side=8)
+    monkeypatch.setenv("UNCLIP_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr(fluent, "_active_experiment_id", None)
+    assert unclip_main(["import-diffusers", text_dir, "--image-encoder", var_dir,
+                        "--run-dir", str(run_dir), "--alias", "karlo"]) == 0
+    source = KarloDecoder.from_checkpoint(_registered(run_dir))
+    # mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI, which the stages would follow: they
+    # must use the copy's own store (conftest restores the variable after the test)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+    common = ["preset=smoke", f"run_dir={run_dir}", "clip.source=models:/unclip-clip@karlo"]
+    assert main(["stage", "clip", *common]) == 0
+    assert main(["stage", "embed", *common]) == 0
+    files = eio.list_files(read_manifest(str(run_dir), "embed").outputs["embeddings"])
+    table = eio.read_file(files[0])
+    assert eio.NORM in table.column_names
+    unit = eio.matrix(table, "image_embedding")
+    np.testing.assert_allclose(np.linalg.norm(unit, axis=1), 1.0, atol=1e-5)
+    assert float(np.std(table.column(eio.NORM).to_numpy())) > 0  # real norms, not a constant
+
+    assert main(["stage", "decoder", *common, "decoder.init_from=models:/unclip-decoder@karlo",
+                 "decoder.train.total_steps=40", "decoder.train.lr=1e-3", "decoder.train.warmup_steps=2",
+                 "decoder.eval.num_images=8", "decoder.eval.grid_every=40"]) == 0
+    m = read_manifest(str(run_dir), "decoder")
+    assert m.metrics["init_from"] == "models:/unclip-decoder@karlo"
+    assert m.metrics["init_from_pinned"].startswith("models:/unclip-decoder/")
+    print(f"imported decoder fine-tuned in the stage: held-out loss {m.metrics['init_val_loss']:.4f} "
+          f"-> {m.metrics['val_loss']:.4f}, CLIP cosine {m.metrics['val_clip_cosine']:.3f} "
+          f"(mismatched {m.metrics['val_clip_cosine_mismatched']:.3f})")
+    assert m.metrics["val_loss"] < 0.8 * m.metrics["init_val_loss"]  # it learned the run's images
+    assert np.isfinite(m.metrics["val_clip_cosine"])
+    tuned_meta = checkpoint.read_config(m.outputs["model"])
+    assert tuned_meta["kind"] == DECODER_KIND  # still the imported layout: the cascade and export take it
+    assert tuned_meta["init_from"]["digest"] == m.metrics["init_from_digest"]
+    tuned = KarloDecoder.from_checkpoint(m.outputs["model"])
+    a, b = source.state_dict(), tuned.state_dict()
+    assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def _registered(run_dir) -> str:
+    """The imported decoder's folder, through the run's registry."""
+    import mlflow
+
+    from unclip.registry import pinned_uri, resolve_checkpoint
+
+    mlflow.set_tracking_uri(f"sqlite:///{run_dir / 'mlflow.db'}")
+    return resolve_checkpoint(pinned_uri("models:/unclip-decoder@karlo"))
