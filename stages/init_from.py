@@ -10,7 +10,8 @@ started from. The workers load those weights (digest-checked) before the first s
 resume their own checkpoint: a resumed fine-tuning continues from where it was, not from the source.
 
 Imported diffusers models (``diffusers_unclip_*`` kinds, ``unclip import-diffusers``): the decoder
-stage fine-tunes an imported decoder; the other stages refuse them by kind, before any data work.
+and prior stages fine-tune imported decoders and priors; the upsamplers and CLIP refuse them by
+kind, before any data work.
 """
 
 from __future__ import annotations

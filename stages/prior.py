@@ -25,7 +25,8 @@ from stages.contract import StageContext, StageResult
 from stages import training
 from stages.prior_data import read_holdout, read_split, split_dataset, train_statistics
 from unclip.embeddings import io as eio
-from unclip.eval.prior_eval import validate
+from unclip.eval.prior_eval import heldout_loss, validate, validate_imported
+from unclip.interop.karlo_models import PRIOR_KIND as IMPORTED_KIND
 from unclip.models.captions import CaptionEncoder
 from unclip.models.priors import KINDS, build_model
 from unclip.models.clip import load_clip
@@ -54,6 +55,26 @@ def init_config(init: InitSource, clip: Any) -> dict[str, Any]:
     return source
 
 
+def imported_config(init: InitSource, clip: Any) -> dict[str, Any]:
+    """The config of an imported (Karlo) prior being fine-tuned: the checkpoint's own; the run's
+    CLIP (the one imported with it) must have its widths and context."""
+    cfg = dict(init.config)
+    for key, needed, why in (("text_dim", clip.dim, "this run's CLIP embedding"),
+                             ("text_width", clip.text_width, "this run's CLIP text tower"),
+                             ("text_length", clip.context_length, "this run's CLIP context")):
+        conflict("prior", key, cfg.get(key), needed, why + " (set clip.source to the CLIP imported "
+                                                       "with the prior)")
+    return cfg
+
+
+def imported_sampling(sampling: dict[str, Any]) -> dict[str, Any]:
+    """What validates an imported prior: its own sampler (diffusers' UnCLIPScheduler), at the
+    stage's steps (2 at least), guidance and candidates."""
+    from unclip.interop.karlo_models import UNCLIP_SAMPLER
+
+    return {**sampling, "sampler": UNCLIP_SAMPLER, "steps": max(2, int(sampling["steps"]))}
+
+
 def run(ctx: StageContext) -> StageResult:
     c = ctx.stage_cfg
     kind = str(c.kind)
@@ -65,10 +86,17 @@ def run(ctx: StageContext) -> StageResult:
     frac = float(c.holdout_fraction)
     clip_source = str(ctx.input("clip", "model"))
     clip = load_clip(clip_source)
-    train_ds = split_dataset(files, "train", frac)
+    init = None
+    if c.get("init_from"):
+        if kind != "diffusion":
+            raise InitFromError(f"prior.init_from: fine-tuning prior.kind={kind} is not supported "
+                                "yet (only the diffusion prior)")
+        init = resolve_init(c.init_from, "prior", (DIFFUSION_PRIOR_KIND, IMPORTED_KIND))
+    imported = init is not None and init.kind == IMPORTED_KIND  # Karlo's: raw embeddings
+    train_ds = split_dataset(files, "train", frac, raw=imported)
     # driver-side, one file at a time (bounded memory): cheaper than starting Ray Data workers
     stats = train_statistics(read_split({"uri": np.array([u])}, "train", frac) for u in files)
-    holdout = read_holdout(files, frac, int(c.max_holdout))
+    holdout = read_holdout(files, frac, int(c.max_holdout), raw=imported)
     if len(holdout["captions"]) < 5:
         raise ValueError(f"prior: only {len(holdout['captions'])} held-out rows; raise "
                          "holdout_fraction")
@@ -95,15 +123,14 @@ def run(ctx: StageContext) -> StageResult:
         model_cfg["num_buckets"] = pca.num_buckets
         sim_edges = similarity_edges(stats["sims"], int(model_cfg["sim_buckets"]))
         extra["pca"] = pca_folder
-    init = None
-    if c.get("init_from"):
-        if kind != "diffusion":
-            raise InitFromError(f"prior.init_from: fine-tuning prior.kind={kind} is not supported "
-                                "yet (only the diffusion prior)")
-        init = resolve_init(c.init_from, "prior", (DIFFUSION_PRIOR_KIND,))
+    if imported:
+        model_cfg = imported_config(init, clip)
+        spec["sampling"] = imported_sampling(spec["sampling"])
+    elif init is not None:
         model_cfg = init_config(init, clip)
     loop_config = {
-        "init": None if init is None else init.record(),
+        "init": None if init is None else init.record(), "imported": imported,
+        "cond_drop_prob": float(spec["model"].get("cond_drop_prob", 0.1)),
         "kind": kind, "model": model_cfg, "sampling": spec["sampling"], "optim": spec["optim"],
         "train": to_container(c.train), "clip": clip_source, "pca": pca_folder,
         "sim_edges": None if sim_edges is None else sim_edges.tolist(),
@@ -115,10 +142,17 @@ def run(ctx: StageContext) -> StageResult:
     result = training.fit(ctx, train_loop, loop_config, int(c.train.num_workers),
                           datasets={"train": train_ds})
 
-    model = build_model(kind, model_cfg)
+    model = _imported(model_cfg) if imported else build_model(kind, model_cfg)
     ema = EMA(model, 0.0)
     meta = training.load_result_state(result, model, ema)
     final = {k: float(v) for k, v in (meta.get("metrics") or {}).items()}
+    if imported:  # where fine-tuning started, on the same held-out draws as the result's val_loss
+        from unclip.interop.karlo_models import KarloPrior
+
+        final["init_val_loss"] = heldout_loss(KarloPrior.from_checkpoint(init.folder), clip, holdout,
+                                              int(c.train.seed))
+        log.info("prior: held-out loss of the imported prior %.4f, fine-tuned %.4f",
+                 final["init_val_loss"], final.get("val_loss", math.nan))
     folder = ctx.path("model")
     ema.model.save(folder, extra={"trained_steps": meta.get("step"), "metrics": final,
                                   "clip": clip.identity, "sampling": spec["sampling"], **extra,
@@ -128,7 +162,7 @@ def run(ctx: StageContext) -> StageResult:
     metrics = {**final, **init_metrics(init), "n_train": stats["n"], "n_holdout": len(holdout["captions"]),
                "trained_steps": int(meta.get("step", 0)), "registered_version": int(version),
                "registered_alias": alias}
-    if kind == "diffusion":
+    if kind == "diffusion" and not imported:
         metrics["embed_scale"] = model_cfg["embed_scale"]
     return StageResult(
         outputs={"prior": folder, "registered": f"models:/{c.register_name}/{version}"},
@@ -137,6 +171,12 @@ def run(ctx: StageContext) -> StageResult:
                  f"baselines z_t {final.get('val_baseline_text', math.nan):.3f}, mean z_i "
                  f"{final.get('val_baseline_mean', math.nan):.3f}; registered "
                  f"{c.register_name} v{version} as {alias}"))
+
+
+def _imported(cfg: dict[str, Any]) -> torch.nn.Module:
+    from unclip.interop.karlo_models import KarloPrior
+
+    return KarloPrior.from_config(cfg).freeze_statistics()
 
 
 # ---- inside the Ray Train workers -------------------------------------------------------------
@@ -184,11 +224,18 @@ def train_loop(config: dict[str, Any]) -> None:
     cfg = LoopConfig.from_dict({**t, "lr": o["lr"], "weight_decay": o["weight_decay"],
                                 "ema_decay": o["ema_decay"]})
 
+    imported = bool(config.get("imported"))
+
     def build() -> torch.nn.Module:
+        if imported:
+            return _imported(config["model"])
         sim_edges = None if config["sim_edges"] is None else np.asarray(config["sim_edges"])
         return build_model(kind, config["model"], config["pca"], sim_edges)
 
     def steps(w: training.Worker) -> training.Steps:
+        if imported:
+            return _imported_steps(w)
+
         encoder = CaptionEncoder(load_clip(config["clip"]), w.device,
                                  cache=config["cache_text_encodings"])
         batches = _epochs_from_shard(ray.train.get_dataset_shard("train"), int(t["batch_size"]),
@@ -204,6 +251,30 @@ def train_loop(config: dict[str, Any]) -> None:
         def evaluate(ema_model: torch.nn.Module, step: int) -> dict[str, float]:
             return validate(ema_model, kind, config["sampling"], encoder, config["holdout"],
                             int(t["seed"]))
+
+        return training.Steps(batches, step_loss, evaluate)
+
+    def _imported_steps(w: training.Worker) -> training.Steps:
+        """An imported prior: the caption at the CLIP's full context (Karlo's positions are fixed)
+        with its raw text embedding, raw image embeddings, Karlo's own x0 loss."""
+        from unclip.eval.prior_eval import caption_inputs
+
+        clip = load_clip(config["clip"])
+        clip.model.requires_grad_(False)
+        clip.to(w.device)
+        batches = _epochs_from_shard(ray.train.get_dataset_shard("train"), int(t["batch_size"]),
+                                     int(t["seed"]) + 1000 * w.session.rank,
+                                     config["cache_data_in_memory"])
+
+        def step_loss(m: torch.nn.Module, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+            emb, states, mask = caption_inputs(clip, [str(c) for c in batch["caption"]], w.device)
+            zi = torch.as_tensor(batch["image_embedding"], device=w.device)
+            return unwrap(m).losses(zi, states, mask, emb, w.generator, net=m,
+                                    cond_drop_prob=float(config["cond_drop_prob"]))
+
+        def evaluate(ema_model: torch.nn.Module, step: int) -> dict[str, float]:
+            return validate_imported(ema_model, config["sampling"], clip, config["holdout"],
+                                     int(t["seed"]))
 
         return training.Steps(batches, step_loss, evaluate)
 

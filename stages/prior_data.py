@@ -17,22 +17,30 @@ from unclip.embeddings import io as eio
 COLUMNS = ["key", "caption", "image_embedding", "text_embedding"]
 
 
-def read_split(batch: dict[str, np.ndarray], split: str, fraction: float) -> dict[str, np.ndarray]:
-    """Ray Data task: the rows of some embedding files on one side of the held-out split."""
+def read_split(batch: dict[str, np.ndarray], split: str, fraction: float,
+               raw: bool = False) -> dict[str, np.ndarray]:
+    """Ray Data task: the rows of some embedding files on one side of the held-out split; with
+    ``raw`` the image embeddings as CLIP projected them (unit row x the embed stage's norm)."""
     if split not in ("train", "holdout"):
         raise ValueError(f"split must be 'train' or 'holdout', got {split!r}")
     caps: list[str] = []
     zi, zt = [], []
     dim = 0
     for uri in batch["uri"]:
-        table = eio.read_file(str(uri), COLUMNS)
+        table = eio.read_file(str(uri), None if raw else COLUMNS)
+        if raw and eio.NORM not in table.column_names:
+            raise ValueError(f"{uri}: no {eio.NORM} column, so the raw CLIP embeddings an imported "
+                             "prior reads cannot be rebuilt: re-run the embed stage")
         dim = table.schema.field("image_embedding").type.list_size
         keep = np.array([is_holdout(k, fraction) == (split == "holdout")
                          for k in table.column("key").to_pylist()], dtype=bool)
         if not keep.any():
             continue
         caps.extend(c or "" for c, k in zip(table.column("caption").to_pylist(), keep) if k)
-        zi.append(eio.matrix(table, "image_embedding")[keep])
+        z = eio.matrix(table, "image_embedding")
+        if raw:
+            z = z * table.column(eio.NORM).to_numpy(zero_copy_only=False).astype(np.float32)[:, None]
+        zi.append(z[keep])
         zt.append(eio.matrix(table, "text_embedding")[keep])
     empty = np.zeros((0, dim), np.float32)
     return {"caption": np.array(caps, dtype=object),
@@ -40,20 +48,21 @@ def read_split(batch: dict[str, np.ndarray], split: str, fraction: float) -> dic
             "text_embedding": np.concatenate(zt) if zt else empty}
 
 
-def split_dataset(files: list[str], split: str, fraction: float):
+def split_dataset(files: list[str], split: str, fraction: float, raw: bool = False):
     """A Ray Dataset of one side of the split (one read task per embedding file)."""
     import ray
 
     return ray.data.from_items([{"uri": u} for u in files], override_num_blocks=len(files)) \
-        .map_batches(read_split, batch_size=1, fn_kwargs={"split": split, "fraction": fraction})
+        .map_batches(read_split, batch_size=1,
+                     fn_kwargs={"split": split, "fraction": fraction, "raw": raw})
 
 
-def read_holdout(files: list[str], fraction: float, limit: int) -> dict[str, Any]:
+def read_holdout(files: list[str], fraction: float, limit: int, raw: bool = False) -> dict[str, Any]:
     """Up to ``limit`` held-out rows, read on the driver file by file (stops once it has enough)."""
     caps: list[str] = []
     zi, zt = [], []
     for uri in files:
-        part = read_split({"uri": np.array([uri])}, "holdout", fraction)
+        part = read_split({"uri": np.array([uri])}, "holdout", fraction, raw)
         caps.extend(part["caption"].tolist())
         zi.append(part["image_embedding"])
         zt.append(part["text_embedding"])

@@ -1,8 +1,9 @@
-"""The decoder stage fine-tunes an imported (diffusers / Karlo) decoder: ``clip.source`` is the CLIP
-imported with it, the embed stage stores the embeddings' norms so the raw projections Karlo reads
-come back, and ``decoder.init_from=models:/unclip-decoder@karlo`` trains the imported modules on
-the run's images (the smoke data) and registers the result in the imported layout. Tiny diffusers
-components built here (nothing downloaded), at the smoke decoder's 8 px."""
+"""The decoder and prior stages fine-tune imported (diffusers / Karlo) models: ``clip.source`` is the
+CLIP imported with them, the embed stage stores the embeddings' norms so the raw projections Karlo
+reads come back, and ``decoder.init_from`` / ``prior.init_from=models:/unclip-*@karlo`` train the
+imported modules on the run's data (the smoke data) and register the results in the imported
+layout, which then generate together. Tiny diffusers components built here (nothing downloaded),
+at the smoke decoder's 8 px."""
 
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ def _karlo_folders(root, side: int) -> tuple[str, str]:
     return text_dir, var_dir
 
 
-def test_decoder_stage_fine_tunes_an_imported_decoder(smoke_run, tmp_path, monkeypatch):
+def test_decoder_and_prior_stages_fine_tune_imported_models(smoke_run, tmp_path, monkeypatch):
     from mlflow.tracking import fluent
 
     from pipelines.cli import main
@@ -42,7 +43,7 @@ def test_decoder_stage_fine_tunes_an_imported_decoder(smoke_run, tmp_path, monke
     from unclip import checkpoint
     from unclip.cli import main as unclip_main
     from unclip.embeddings import io as eio
-    from unclip.interop.karlo_models import DECODER_KIND, KarloDecoder
+    from unclip.interop.karlo_models import DECODER_KIND, PRIOR_KIND, KarloDecoder
 
     run_dir = tmp_path / "run"
     shutil.copytree(smoke_run, run_dir, ignore=shutil.ignore_patterns("decoder", "decoder-*"))
@@ -84,6 +85,28 @@ def test_decoder_stage_fine_tunes_an_imported_decoder(smoke_run, tmp_path, monke
     tuned = KarloDecoder.from_checkpoint(m.outputs["model"])
     a, b = source.state_dict(), tuned.state_dict()
     assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a)
+
+    # the imported prior too: raw image embeddings, captions at the CLIP's full context
+    assert main(["stage", "pca", *common]) == 0  # the prior stage reads it (for prior.kind=ar)
+    assert main(["stage", "prior", *common, "prior.init_from=models:/unclip-prior@karlo",
+                 "prior.train.total_steps=40", "prior.train.warmup_steps=2", "prior.max_holdout=16"]) == 0
+    p = read_manifest(str(run_dir), "prior")
+    print(f"imported prior fine-tuned in the stage: held-out x0 loss {p.metrics['init_val_loss']:.4f} "
+          f"-> {p.metrics['val_loss']:.4f}, cosine {p.metrics['val_cosine']:.3f} (z_t "
+          f"{p.metrics['val_baseline_text']:.3f})")
+    assert p.metrics["val_loss"] < 0.8 * p.metrics["init_val_loss"]
+    assert checkpoint.read_config(p.outputs["prior"])["kind"] == PRIOR_KIND
+    assert checkpoint.read_config(p.outputs["prior"])["sampling"]["sampler"] == "unclip"
+
+    # the two fine-tuned models generate together (raw embeddings end to end)
+    from unclip.generation import ModelRefs, UnCLIP
+    from unclip.generation.cascade import Settings
+
+    cascade = UnCLIP(ModelRefs(clip=read_manifest(str(run_dir), "clip").outputs["model"],
+                               prior=p.outputs["prior"], decoder=m.outputs["model"]), device="cpu")
+    images = cascade.generate("a red circle", 2, seed=0,
+                              settings=Settings(prior_steps=3, decoder_steps=3))[-1]
+    assert len(images) == 2 and images[0].size == (8, 8)
 
 
 def _registered(run_dir) -> str:

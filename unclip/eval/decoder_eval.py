@@ -111,7 +111,7 @@ class ImportedDecoderEvaluator(DecoderEvaluator):
         self.text = tuple(torch.as_tensor(np.asarray(v)) for v in (emb, states, mask))
 
     def _rows(self, i: int, j: int) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-        return torch.from_numpy(self.embeddings[i:j]), tuple(v[i:j] for v in self.text)
+        return torch.from_numpy(np.array(self.embeddings[i:j])), tuple(v[i:j] for v in self.text)
 
     def decode(self, model: Any, n: int) -> np.ndarray:
         from unclip.models.decoder_sampling import to_uint8

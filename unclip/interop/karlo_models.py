@@ -165,6 +165,63 @@ class KarloPrior(_NullCaption):
         score = F.cosine_similarity(z, z_t.to(device).float()[:, None], dim=-1)
         return z[torch.arange(b, device=device), score.argmax(1)]
 
+    # ---- fine-tuning --------------------------------------------------------------------------
+
+    @property
+    def diffusion(self) -> DiffusionConfig:
+        """The prior's process as our GaussianDiffusion trains it: x0 ("sample") prediction on the
+        normalised latent ``(z - clip_mean) / clip_std``, the imported scheduler's schedule."""
+        c = self.scheduler_config
+        return DiffusionConfig(num_train_timesteps=int(c.get("num_train_timesteps", 1000)),
+                               beta_schedule=str(c.get("beta_schedule", "squaredcos_cap_v2")),
+                               prediction_type=str(c.get("prediction_type", "sample")),
+                               clip_sample=False)
+
+    def freeze_statistics(self) -> "KarloPrior":
+        """Keep ``clip_mean`` / ``clip_std`` (the embedding statistics the latents are normalised
+        with) out of training: moving them would rescale the target rather than fit it."""
+        for p in (self.prior.clip_mean, self.prior.clip_std):
+            if p is not None:
+                p.requires_grad_(False)
+        return self
+
+    def to_latent(self, z: torch.Tensor) -> torch.Tensor:
+        """Raw image embeddings -> the normalised latents the transformer denoises (the inverse of
+        ``post_process_latents``)."""
+        return (z.float() - self.prior.clip_mean.detach()) / self.prior.clip_std.detach()
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, text_embed: torch.Tensor,
+                text_states: torch.Tensor, text_mask: torch.Tensor,
+                drop: torch.Tensor | None = None) -> torch.Tensor:
+        """Predicted latent x0 (B, dim) of one branch; rows of ``drop`` read the empty caption (the
+        unconditional half of guidance, which fine-tuning keeps training)."""
+        device = self.null_text_embed.device
+        emb, states, mask = text_embed.to(device).float(), text_states.to(device).float(), \
+            text_mask.to(device).bool()
+        if drop is not None:
+            d = drop.to(device)
+            n_emb, n_states, n_mask = self.null_text(emb.shape[0])
+            emb = torch.where(d[:, None], n_emb, emb)
+            states = torch.where(d[:, None, None], n_states, states)
+            mask = torch.where(d[:, None], n_mask, mask)
+        return self.prior(x_t, timestep=t, proj_embedding=emb, encoder_hidden_states=states,
+                          attention_mask=mask).predicted_image_embedding
+
+    def losses(self, z_i: torch.Tensor, text_states: torch.Tensor, text_mask: torch.Tensor,
+               z_t: torch.Tensor, generator: torch.Generator | None = None,
+               net: nn.Module | None = None, cond_drop_prob: float = 0.1) -> dict[str, torch.Tensor]:
+        """Batch-mean x0 MSE (``loss``) on raw image embeddings ``z_i`` for captions given as (token
+        states, mask, raw text embedding ``z_t``), the caption dropped ``cond_drop_prob`` of the
+        time. ``net``: this prior as the step calls it (a DDP wrapper of it)."""
+        net = self if net is None else net
+        device = self.null_text_embed.device
+        b = z_i.shape[0]
+        drop = torch.rand(b, generator=generator).to(device) < cond_drop_prob
+        out = GaussianDiffusion(self.diffusion).training_losses(
+            lambda x, t: net(x, t, z_t, text_states, text_mask, drop),
+            self.to_latent(z_i.to(device)), generator=generator)
+        return {"loss": out["loss"].mean()}
+
     def save(self, folder: str, extra: dict[str, Any] | None = None) -> None:
         dim, length, width = self.dim, *self.null_text_states.shape
         checkpoint.save(folder, self.state_dict(), PRIOR_KIND, {
@@ -172,14 +229,17 @@ class KarloPrior(_NullCaption):
             "text_dim": dim, "text_length": int(length), "text_width": int(width)}, extra)
 
     @classmethod
-    def from_checkpoint(cls, folder: str) -> "KarloPrior":
+    def from_config(cls, cfg: dict[str, Any]) -> "KarloPrior":
+        """The architecture a checkpoint's ``config`` describes, with fresh weights."""
         from diffusers import PriorTransformer
 
-        state, meta = checkpoint.load(folder, PRIOR_KIND)
-        cfg = meta["config"]
         _, length, width = _text_shapes(cfg)
-        model = cls(PriorTransformer.from_config(cfg["prior"]), cfg["scheduler"], length, width)
-        return checkpoint.load_into(model, state, folder, "imported prior")
+        return cls(PriorTransformer.from_config(cfg["prior"]), cfg["scheduler"], length, width)
+
+    @classmethod
+    def from_checkpoint(cls, folder: str) -> "KarloPrior":
+        state, meta = checkpoint.load(folder, PRIOR_KIND)
+        return checkpoint.load_into(cls.from_config(meta["config"]), state, folder, "imported prior")
 
 
 class KarloDecoder(_NullCaption):

@@ -247,7 +247,7 @@ def load_prior(folder: str) -> nn.Module:
 
 def mean_cosine(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) -> float:
     """Mean row-wise cosine similarity (the prior's validation metric)."""
-    a, b = torch.as_tensor(np.asarray(a, np.float32)), torch.as_tensor(np.asarray(b, np.float32))
+    a, b = torch.as_tensor(np.array(a, np.float32)), torch.as_tensor(np.array(b, np.float32))
     if a.ndim == 1:
         a = a[None].expand_as(b)
     return float(F.cosine_similarity(a, b, dim=-1).mean())
