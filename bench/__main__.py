@@ -1,7 +1,8 @@
 """``python -m bench`` (``make bench``): run every benchmark, print one summary table, write
 bench/results/summary.json (each benchmark also writes its own bench/results/<name>.json).
 
-    make bench                          # the full suite (~15 min on 2 CPU cores)
+    make bench                          # the full suite (~15 min on 2 CPU cores, plus
+                                        # decoder_profile's two cold torch.compile runs: ~10 min)
     make bench ARGS="--quick"           # a short pass (~2-3 min)
     make bench ARGS="--only training"   # one benchmark (repeatable: --only a --only b)
 
@@ -27,12 +28,14 @@ BENCHMARKS = {
     "pipeline_stages": "bench.pipeline_stages",
     "scaling": "bench.scaling",
     "dalle2": "bench.dalle2",
+    "decoder_profile": "bench.decoder_profile",
     "clip_stage": "bench.clip_stage",
     "text_tokens": "bench.text_tokens",
     "serving": "bench.serving",
 }
-# minutes each even when short (three pipeline runs; a paper-size text tower): run with --only
-QUICK_SKIP = {"clip_stage", "text_tokens"}
+# minutes each even when short (three pipeline runs; a paper-size text tower), or over a minute
+# (decoder_profile: 15 decoder steps and a profiled one, ~70 s): run with --only
+QUICK_SKIP = {"clip_stage", "text_tokens", "decoder_profile"}
 
 
 def summary_rows(name: str, result: dict[str, Any]) -> list[dict[str, Any]]:
@@ -58,6 +61,17 @@ def summary_rows(name: str, result: dict[str, Any]) -> list[dict[str, Any]]:
             out.append((f"unclip serve /generate, {r['clients']} client(s), {r['requests']} requests",
                         r["req_per_s"], "req/s", f"p50 {r['p50_s']:.3f} s, p95 {r['p95_s']:.3f} s, "
                                                   f"mean batch {r['mean_batch']:.1f} ({result['device']})"))
+        elif name == "decoder_profile":
+            if "speedup" in r:
+                note = (f"{r['step_s']:.3g} CPU s/step, {r['achieved_gflops']:.1f} GFLOP/s = "
+                        f"{100 * r['fraction_of_peak']:.0f}% of matmul peak")
+                if r.get("compile_s"):
+                    note += f", cold compile {r['compile_s']:.0f} s"
+                out.append((f"decoder step: {r['variant']} ({r['what']})", r["speedup"],
+                            "x vs baseline", note))
+            else:
+                out.append((f"decoder step: {r['variant']} ({r['what']})", None, "",
+                            f"skipped: {r.get('skipped', '')}"))
         elif name == "dalle2":
             out.append((f"{r['what']}: {r['ours']} vs {r['theirs']}", r["speedup"],
                         "x (their s / our s)", f"ours {r['our_s']:.3g} s, theirs {r['their_s']:.3g} s"))

@@ -113,3 +113,55 @@ def test_step_quality_scores_every_stage_at_each_step_count(smoke_run) -> None:
         assert -1 <= r["val_clip_cosine"] <= 1 and 0 <= r["val_shape"] <= 1  # shapes: a ground truth
     for r in by_stage["upsample1"]:
         assert 5 < r["val_psnr"] < 100 and 0 < r["val_ssim"] <= 1
+
+
+def test_decoder_profile_quick_on_a_small_decoder(tmp_path: Path) -> None:
+    """bench.decoder_profile --quick on a decoder shrunk to the smoke preset's 8 px (seconds): every
+    variant is in the JSON, measured (positive time) or skipped with its reason (quick leaves
+    compile out); the profile's categories cover the whole step; FLOPs were counted."""
+    import torch
+
+    from bench import decoder_profile
+    from bench import models as M
+
+    # the smoke decoder's shapes, written out (composing the tiny preset's config takes seconds)
+    small = M.Sizes(clip_dim=16, text_width=16, context=8, caption_tokens=4, prior={}, prior_batch=0,
+                    decoder={"resolution": 8, "use_caption": True, "base_channels": 16,
+                             "channel_mult": [1, 2], "layers_per_block": 1, "attention_resolutions": [4],
+                             "head_channels": 16, "context_dim": 32, "norm_groups": 8},
+                    decoder_batch=2, decoder_diffusion={"learn_variance": True,
+                                                        "prediction_type": "v_prediction",
+                                                        "min_snr_gamma": 5.0},
+                    decoder_sampling={}, prior_sampling={}, up_scale=4, up_sides=(32, 128),
+                    up_batch=1, ar_prior={})
+    out = tmp_path / "decoder_profile.json"
+    threads = torch.get_num_threads()
+    try:
+        decoder_profile.run(quick=True, out=str(out), sizes=small, peak_n=256)
+    finally:
+        torch.set_num_threads(threads)  # the bench fixes 1 thread for the process
+    result = json.loads(out.read_text())
+    assert result["quick"] is True and result["model"]["batch"] == 2
+    assert result["gflop_per_step"] > 0 and result["matmul_peak_gflops"] > 0
+    rows = {r["variant"]: r for r in result["rows"]}
+    assert list(rows) == list(decoder_profile.VARIANTS)
+    assert "skipped" in rows["compile"] and "step_s" not in rows["compile"]
+    for name in ("baseline", "no_sdpa", "channels_last", "fused_optim", "all"):
+        r = rows[name]
+        assert r["step_s"] > 0 and r["wall_step_s"] > 0 and r["speedup"] > 0, r
+        assert r["fraction_of_peak"] > 0
+    assert rows["baseline"]["speedup"] == 1.0
+    assert rows["all"]["compiled"] is False
+    prof = result["profile"]
+    assert [r["category"] for r in prof["rows"]] == list(decoder_profile.CATEGORIES)
+    assert sum(r["share"] for r in prof["rows"]) == pytest.approx(1.0)
+    assert all(r["share"] >= 0 for r in prof["rows"])
+    assert prof["copy_calls_per_step"] > 0
+    kinds = {r["kind"]: r for r in result["conv_matmul"]["rows"]}
+    assert set(kinds) >= {"conv forward", "conv backward", "conv + matmul"}
+    assert kinds["conv + matmul"]["gflop"] > 0
+    from bench.__main__ import summary_rows
+
+    summary = summary_rows("decoder_profile", result)
+    assert len(summary) == len(decoder_profile.VARIANTS)
+    assert [r["value"] is None for r in summary] == [v == "compile" for v in decoder_profile.VARIANTS]
