@@ -9,9 +9,9 @@ stage's manifest and into the saved model's ``config.json``: the result names ex
 started from. The workers load those weights (digest-checked) before the first step, unless they
 resume their own checkpoint: a resumed fine-tuning continues from where it was, not from the source.
 
-Imported diffusers models (``diffusers_unclip_*`` kinds, ``unclip import-diffusers``): the decoder
-and prior stages fine-tune imported decoders and priors; the upsamplers and CLIP refuse them by
-kind, before any data work.
+Imported diffusers models (``diffusers_unclip_*`` kinds, ``unclip import-diffusers``): the prior,
+decoder and upsampler stages fine-tune imported priors, decoders and super-resolution stages;
+CLIP refuses them by kind, before any data work.
 """
 
 from __future__ import annotations

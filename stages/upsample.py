@@ -28,6 +28,7 @@ from unclip.data.loading import iter_decoded
 from unclip.data.shards import list_shards
 from unclip.diffusion import GaussianDiffusion
 from stages.init_from import InitSource, conflict, init_metrics, resolve_init
+from unclip.interop.karlo_models import SUPER_RES_KIND as IMPORTED_KIND
 from unclip.models.upsampler import KIND as UPSAMPLER_KIND
 from unclip.models.upsampler import Upsampler, build_config
 from unclip.registry import register_checkpoint
@@ -52,6 +53,30 @@ def init_config(init: InitSource, stage: str, scale: int, kind: str) -> dict[str
     return build_config({**init.config, "kind": kind})
 
 
+def imported_config(init: InitSource, stage: str, scale: int, high: int) -> dict[str, Any]:
+    """The config of an imported (Karlo) super-resolution stage being fine-tuned: the checkpoint's
+    own, at this stage's scale; it draws its UNets' side, which must be the stage's high_res."""
+    cfg = dict(init.config)
+    conflict(stage, "sample_size", int(cfg["super_res_first"].get("sample_size", 0)), high,
+             f"{stage}.high_res (the side it draws)")
+    conflict(stage, "scale", int(cfg.get("scale", scale)), scale, f"{stage}.scale")
+    return {**cfg, "scale": scale}
+
+
+def _multiple(mcfg: dict[str, Any], imported: bool) -> int:
+    if imported:
+        return 2 ** (len(mcfg["super_res_first"]["block_out_channels"]) - 1)
+    return Upsampler.multiple_for(mcfg)
+
+
+def _build(mcfg: dict[str, Any], imported: bool) -> torch.nn.Module:
+    if imported:
+        from unclip.interop.karlo_models import KarloSuperRes
+
+        return KarloSuperRes.from_config(mcfg)
+    return Upsampler(mcfg)
+
+
 def sizes(c: Any) -> tuple[int, int, int]:
     """(high, low, crop) sides, checked: crops are ``crop_fraction`` of the high side."""
     high, scale = int(c.high_res), int(c.scale)
@@ -67,10 +92,13 @@ def run(ctx: StageContext) -> StageResult:
     c = ctx.stage_cfg
     high, low, crop = sizes(c)
     mcfg = model_config(c)
-    init = resolve_init(c.get("init_from"), ctx.name, (UPSAMPLER_KIND,))
-    if init is not None:
+    init = resolve_init(c.get("init_from"), ctx.name, (UPSAMPLER_KIND, IMPORTED_KIND))
+    imported = init is not None and init.kind == IMPORTED_KIND  # Karlo's super-resolution stage
+    if imported:
+        mcfg = imported_config(init, ctx.name, int(c.scale), high)
+    elif init is not None:
         mcfg = init_config(init, ctx.name, int(c.scale), str(c.kind))
-    multiple = Upsampler.multiple_for(mcfg)
+    multiple = _multiple(mcfg, imported)
     if crop % multiple or high % multiple:
         raise ValueError(f"{ctx.name}: crop {crop} and high_res {high} must be divisible by "
                          f"{multiple} for a UNet with {len(mcfg['channels'])} levels")
@@ -94,7 +122,7 @@ def run(ctx: StageContext) -> StageResult:
                          f"need both (check the filter output and holdout_fraction)")
     grid_uri = ctx.path("samples.png")
     loop_config = {
-        "stage": ctx.name, "model": mcfg, "kind": str(c.kind), "crop": crop,
+        "stage": ctx.name, "model": mcfg, "kind": str(c.kind), "crop": crop, "imported": imported,
         "init": None if init is None else init.record(),
         "degradation": to_container(c.degradation), "train": to_container(c.train),
         "validation": to_container(c.validation), "holdout": holdout, "grid_uri": grid_uri,
@@ -103,12 +131,23 @@ def run(ctx: StageContext) -> StageResult:
              c.kind, int(c.scale), low, high, n_train, crop, len(holdout))
     result = training.fit(ctx, train_loop, loop_config, int(c.train.num_workers),
                           datasets={"train": train_ds})
-    model = Upsampler(mcfg)
+    model = _build(mcfg, imported)
     ema = EMA(model, float(c.train.ema_decay))
     meta = training.load_result_state(result, model, ema)
     final = {k: float(v) for k, v in (meta.get("metrics") or {}).items()}
     if "val_psnr_sharp" not in final:
         raise RuntimeError(f"{ctx.name}: training ended without a validation ({sorted(final)})")
+    if imported:  # where fine-tuning started, on the same held-out images and draws
+        from unclip.eval.upsampling import validate
+        from unclip.interop.karlo_models import KarloSuperRes
+
+        v = c.validation
+        before, _ = validate(KarloSuperRes.from_checkpoint(init.folder), holdout, str(c.kind),
+                             to_container(c.degradation), seed=int(v.seed),
+                             batch_size=int(v.batch_size), grid_rows=1)
+        final.update({"init_" + k: before[k] for k in ("val_psnr", "val_psnr_sharp", "val_ssim_sharp")})
+        log.info("%s: held-out PSNR on sharp inputs of the imported stage %.2f dB, fine-tuned %.2f",
+                 ctx.name, final["init_val_psnr_sharp"], final["val_psnr_sharp"])
     folder = ctx.path("model")
     ema.model.save(folder, extra={"trained_steps": meta.get("step"), "metrics": final,
                                   **({} if init is None else {"init_from": init.record()})})
@@ -126,7 +165,7 @@ def run(ctx: StageContext) -> StageResult:
                  f"(bicubic {final['val_psnr_bicubic']:.2f}), SSIM {final['val_ssim']:.3f} "
                  f"(bicubic {final['val_ssim_bicubic']:.3f}); on sharp inputs PSNR "
                  f"{final['val_psnr_sharp']:.2f} (bicubic {final['val_psnr_sharp_bicubic']:.2f}); "
-                 f"{mcfg['steps']} {mcfg['sampler']} "
+                 f"{mcfg['steps']} {mcfg.get('sampler', 'unclip')} "
                  f"steps; registered {c.register_name} v{version} as {alias}"),
     )
 
@@ -195,7 +234,9 @@ def train_loop(config: dict[str, Any]) -> None:
                                   config["degradation"], seed=int(t["seed"]), rank=w.session.rank)
         else:
             batches = _streaming(shard, config, w.session.rank)
-        diffusion = GaussianDiffusion(training.unwrap(w.model).diffusion_config)
+        imported = bool(config.get("imported"))
+        diffusion = GaussianDiffusion(training.unwrap(w.model).diffusion if imported
+                                      else training.unwrap(w.model).diffusion_config)
 
         def evaluate(ema_model: torch.nn.Module, step: int) -> dict[str, float]:
             from PIL import Image
@@ -208,7 +249,13 @@ def train_loop(config: dict[str, Any]) -> None:
             storage.write_bytes(config["grid_uri"], buf.getvalue())
             return metrics
 
-        return training.Steps(batches, make_step_loss(diffusion, int(config["model"]["aug_max_level"]),
-                                                      w.generator), evaluate)
+        if imported:  # no noise augmentation of the low-res input: Karlo's stage has none
+            def step_loss(m: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]):
+                hr, low = (v.to(w.device) for v in batch)
+                return training.unwrap(m).losses(hr, low, w.generator, net=m)
+        else:
+            step_loss = make_step_loss(diffusion, int(config["model"]["aug_max_level"]), w.generator)
+        return training.Steps(batches, step_loss, evaluate)
 
-    training.train_worker(config, lambda: Upsampler(config["model"]), LoopConfig.from_dict(t), steps)
+    training.train_worker(config, lambda: _build(config["model"], bool(config.get("imported"))),
+                          LoopConfig.from_dict(t), steps)

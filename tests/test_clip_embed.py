@@ -31,9 +31,11 @@ def test_embeddings_parquet(smoke_run):
     files = eio.list_files(str(folder))
     assert [os.path.basename(f) for f in files] == ["00000.parquet", "00001.parquet", "00002.parquet"]
     table = eio.read_all(str(folder))
-    assert table.column_names == ["key", "caption", "image_embedding", "text_embedding"]
+    assert table.column_names == ["key", "caption", "image_embedding", "text_embedding", eio.NORM]
     img, txt = eio.matrix(table, "image_embedding"), eio.matrix(table, "text_embedding")
     assert img.dtype == np.float32 and img.shape == txt.shape == (table.num_rows, 32)
+    norms = table.column(eio.NORM).to_numpy()
+    assert norms.dtype == np.float32 and (norms > 0).all() and norms.std() > 0  # the raw projections' norms
     np.testing.assert_allclose(np.linalg.norm(img, axis=1), 1.0, atol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(txt, axis=1), 1.0, atol=1e-5)
     identity = eio.read_identity(files[0])

@@ -538,3 +538,44 @@ def test_imported_prior_fine_tunes_on_raw_embeddings(karlo, cascade):
     print(f"imported prior, held-out x0 loss: {before:.4f} -> {after:.4f}")
     assert after < 0.7 * before
     assert all(torch.equal(prior.state_dict()[k], v) for k, v in stats.items())
+
+
+def test_imported_super_res_fine_tunes_both_unets(karlo):
+    """KarloSuperRes.losses: super_res_first over the whole schedule and super_res_last in the last
+    step's interval, each on concat(x_t, bicubic(low)) as the pipelines call them; fine-tuning on
+    shapes crops lowers both held-out losses."""
+    from unclip.data.shapes import render, sample_scene
+    from unclip.interop.karlo_models import KarloSuperRes
+
+    sr = KarloSuperRes.from_checkpoint(karlo.folders["upsampler1"])
+    assert sr.last_interval == 999 // (sr.steps - 1)
+    rng = np.random.default_rng(2)
+    # 16 px crops (the UNets are conv-only: training crops need not be their sample_size)
+    hr = torch.from_numpy(np.stack([np.asarray(render(sample_scene(rng), 16), np.float32)
+                                    for _ in range(24)])).permute(0, 3, 1, 2) / 127.5 - 1
+    low = torch.nn.functional.interpolate(hr, scale_factor=0.25, mode="area")
+    x, t = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor([900, 0])
+    with torch.no_grad():
+        up = torch.nn.functional.interpolate(low[:2], size=[16, 16], mode="bicubic", align_corners=False,
+                                             antialias=True)
+        torch.testing.assert_close(sr(x, t, low[:2], last=True),
+                                   sr.last(sample=torch.cat([x, up], 1), timestep=t).sample)
+
+    def held_out() -> tuple[float, float]:
+        with torch.no_grad():
+            out = sr.losses(hr[16:], low[16:], torch.Generator().manual_seed(0))
+        return float(out["loss_first"]), float(out["loss_last"])
+
+    before = held_out()
+    opt = torch.optim.AdamW(sr.parameters(), lr=2e-3)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(15):
+        idx = torch.randperm(16, generator=g)[:8]
+        loss = sr.losses(hr[idx], low[idx], g)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = held_out()
+    print(f"imported super-resolution, held-out loss first {before[0]:.4f} -> {after[0]:.4f}, "
+          f"last {before[1]:.4f} -> {after[1]:.4f}")
+    assert after[0] < 0.7 * before[0] and after[1] < 0.7 * before[1]

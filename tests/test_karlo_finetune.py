@@ -1,4 +1,4 @@
-"""The decoder and prior stages fine-tune imported (diffusers / Karlo) models: ``clip.source`` is the
+"""The decoder, prior and upsample1 stages fine-tune imported (diffusers / Karlo) models: ``clip.source`` is the
 CLIP imported with them, the embed stage stores the embeddings' norms so the raw projections Karlo
 reads come back, and ``decoder.init_from`` / ``prior.init_from=models:/unclip-*@karlo`` train the
 imported modules on the run's data (the smoke data) and register the results in the imported
@@ -17,7 +17,7 @@ from test_diffusers_interop import TEXT, VARIATION, _seeded, tiny_components
 
 def _karlo_folders(root, side: int) -> tuple[str, str]:
     """UnCLIPPipeline and UnCLIPImageVariationPipeline folders whose decoder draws ``side`` px."""
-    from diffusers import UNet2DConditionModel
+    from diffusers import UNet2DConditionModel, UNet2DModel
     from diffusers.pipelines.deprecated.unclip import UnCLIPImageVariationPipeline, UnCLIPPipeline
 
     c = tiny_components(str(root))
@@ -28,6 +28,12 @@ def _karlo_folders(root, side: int) -> tuple[str, str]:
         mid_block_type="UNetMidBlock2DSimpleCrossAttn", block_out_channels=(32, 64), layers_per_block=1,
         cross_attention_dim=100, attention_head_dim=4, resnet_time_scale_shift="scale_shift",
         class_embed_type="identity").eval())
+    # super-resolution at the smoke upsample1's sides (8 -> 32), conv-only as Karlo's
+    sr = dict(sample_size=4 * side, layers_per_block=1, in_channels=6, out_channels=3,
+              block_out_channels=(32, 64), down_block_types=("ResnetDownsampleBlock2D",) * 2,
+              up_block_types=("ResnetUpsampleBlock2D",) * 2)
+    c["super_res_first"] = _seeded(0, lambda: UNet2DModel(**sr).eval())
+    c["super_res_last"] = _seeded(1, lambda: UNet2DModel(**sr).eval())
     text_dir, var_dir = str(root / "karlo"), str(root / "karlo-variations")
     UnCLIPPipeline(**{k: c[k] for k in TEXT}).save_pretrained(text_dir, safe_serialization=True)
     UnCLIPImageVariationPipeline(**{k: c[k] for k in VARIATION}).save_pretrained(
@@ -35,7 +41,7 @@ def _karlo_folders(root, side: int) -> tuple[str, str]:
     return text_dir, var_dir
 
 
-def test_decoder_and_prior_stages_fine_tune_imported_models(smoke_run, tmp_path, monkeypatch):
+def test_stages_fine_tune_imported_models(smoke_run, tmp_path, monkeypatch):
     from mlflow.tracking import fluent
 
     from pipelines.cli import main
@@ -43,7 +49,7 @@ def test_decoder_and_prior_stages_fine_tune_imported_models(smoke_run, tmp_path,
     from unclip import checkpoint
     from unclip.cli import main as unclip_main
     from unclip.embeddings import io as eio
-    from unclip.interop.karlo_models import DECODER_KIND, PRIOR_KIND, KarloDecoder
+    from unclip.interop.karlo_models import DECODER_KIND, PRIOR_KIND, SUPER_RES_KIND, KarloDecoder
 
     run_dir = tmp_path / "run"
     shutil.copytree(smoke_run, run_dir, ignore=shutil.ignore_patterns("decoder", "decoder-*"))
@@ -98,15 +104,26 @@ def test_decoder_and_prior_stages_fine_tune_imported_models(smoke_run, tmp_path,
     assert checkpoint.read_config(p.outputs["prior"])["kind"] == PRIOR_KIND
     assert checkpoint.read_config(p.outputs["prior"])["sampling"]["sampler"] == "unclip"
 
+    # and the super-resolution stage, in upsample1 (8 -> 32): both UNets, no noise augmentation
+    assert main(["stage", "upsample1", *common, "upsample1.init_from=models:/unclip-upsampler1@karlo",
+                 "upsample1.train.total_steps=30", "upsample1.train.lr=1e-3"]) == 0
+    u = read_manifest(str(run_dir), "upsample1")
+    print(f"imported super-resolution fine-tuned in the stage: held-out PSNR on sharp inputs "
+          f"{u.metrics['init_val_psnr_sharp']:.2f} -> {u.metrics['val_psnr_sharp']:.2f} dB "
+          f"(bicubic {u.metrics['val_psnr_sharp_bicubic']:.2f})")
+    assert u.metrics["val_psnr_sharp"] > u.metrics["init_val_psnr_sharp"] + 3
+    assert checkpoint.read_config(u.outputs["model"])["kind"] == SUPER_RES_KIND
+
     # the two fine-tuned models generate together (raw embeddings end to end)
     from unclip.generation import ModelRefs, UnCLIP
     from unclip.generation.cascade import Settings
 
     cascade = UnCLIP(ModelRefs(clip=read_manifest(str(run_dir), "clip").outputs["model"],
-                               prior=p.outputs["prior"], decoder=m.outputs["model"]), device="cpu")
+                               prior=p.outputs["prior"], decoder=m.outputs["model"],
+                               upsampler1=u.outputs["model"]), device="cpu")
     images = cascade.generate("a red circle", 2, seed=0,
-                              settings=Settings(prior_steps=3, decoder_steps=3))[-1]
-    assert len(images) == 2 and images[0].size == (8, 8)
+                              settings=Settings(prior_steps=3, decoder_steps=3, upsampler_steps=3))
+    assert [im.size for im in images[0]] == [(8, 8)] * 2 and [im.size for im in images[-1]] == [(32, 32)] * 2
 
 
 def _registered(run_dir) -> str:

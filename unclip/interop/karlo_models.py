@@ -432,16 +432,57 @@ class KarloSuperRes(nn.Module):
     final = True
 
     def __init__(self, first: nn.Module, last: nn.Module, scheduler_config: dict[str, Any],
-                 steps: int = SUPER_RES_STEPS):
+                 steps: int = SUPER_RES_STEPS, scale: int = 4):
         super().__init__()
         self.first = first
         self.last = last
         self.scheduler_config = dict(scheduler_config)
         self.steps = int(steps)
+        self.scale = int(scale)  # the side ratio it was trained at (Karlo: 64 -> 256)
 
     @property
     def side(self) -> int:
         return int(self.first.config.sample_size)
+
+    # ---- fine-tuning --------------------------------------------------------------------------
+
+    @property
+    def diffusion(self) -> DiffusionConfig:
+        """The process as our GaussianDiffusion trains it (epsilon, the imported schedule)."""
+        c = self.scheduler_config
+        return DiffusionConfig(num_train_timesteps=int(c.get("num_train_timesteps", 1000)),
+                               beta_schedule=str(c.get("beta_schedule", "squaredcos_cap_v2")),
+                               prediction_type=str(c.get("prediction_type", "epsilon")))
+
+    @property
+    def last_interval(self) -> int:
+        """Timesteps below this are the last step's under the pipelines' spacing of ``steps``
+        (``super_res_last`` runs there, at t = 0; ``super_res_first`` everywhere else)."""
+        return max(1, (self.diffusion.num_train_timesteps - 1) // max(1, self.steps - 1))
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, low: torch.Tensor,
+                last: bool = False) -> torch.Tensor:
+        """Predicted noise of ``x_t`` (B, 3, S, S) given ``low`` (B, 3, S / scale, ...) in [-1, 1],
+        bicubic-upsampled to x_t's side and concatenated, as the pipelines do; S may be a crop."""
+        up = F.interpolate(low.float(), size=list(x_t.shape[-2:]), mode="bicubic",
+                           align_corners=False, antialias=True)
+        unet = self.last if last else self.first
+        return unet(sample=torch.cat([x_t, up], dim=1), timestep=t).sample
+
+    def losses(self, hr: torch.Tensor, low: torch.Tensor, generator: torch.Generator | None = None,
+               net: nn.Module | None = None) -> dict[str, torch.Tensor]:
+        """Epsilon MSE of both UNets on the same crops: ``super_res_first`` at timesteps drawn over
+        the whole schedule, ``super_res_last`` at timesteps of the last step's interval (where the
+        sampler calls it). ``net``: this module as the step calls it (a DDP wrapper of it)."""
+        net = self if net is None else net
+        gd = GaussianDiffusion(self.diffusion)
+        b, device = hr.shape[0], hr.device
+        first = gd.training_losses(lambda x, t: net(x, t, low), hr, generator=generator)["loss"]
+        t_last = torch.randint(0, self.last_interval, (b,), generator=generator).to(device)
+        last = gd.training_losses(lambda x, t: net(x, t, low, True), hr, t=t_last,
+                                  generator=generator)["loss"]
+        return {"loss": first.mean() + last.mean(), "loss_first": first.mean().detach(),
+                "loss_last": last.mean().detach()}
 
     @torch.no_grad()
     def upsample(self, low: torch.Tensor, steps: int | None = None, sampler: str | None = None,
@@ -470,17 +511,22 @@ class KarloSuperRes(nn.Module):
     def save(self, folder: str, extra: dict[str, Any] | None = None) -> None:
         checkpoint.save(folder, self.state_dict(), SUPER_RES_KIND, {
             "super_res_first": config_json(self.first), "super_res_last": config_json(self.last),
-            "scheduler": self.scheduler_config, "steps": self.steps}, extra)
+            "scheduler": self.scheduler_config, "steps": self.steps, "scale": self.scale}, extra)
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any]) -> "KarloSuperRes":
+        """The architecture a checkpoint's ``config`` describes, with fresh weights."""
+        from diffusers import UNet2DModel
+
+        return cls(UNet2DModel.from_config(cfg["super_res_first"]),
+                   UNet2DModel.from_config(cfg["super_res_last"]), cfg["scheduler"], cfg["steps"],
+                   int(cfg.get("scale", 4)))
 
     @classmethod
     def from_checkpoint(cls, folder: str) -> "KarloSuperRes":
-        from diffusers import UNet2DModel
-
         state, meta = checkpoint.load(folder, SUPER_RES_KIND)
-        cfg = meta["config"]
-        model = cls(UNet2DModel.from_config(cfg["super_res_first"]),
-                    UNet2DModel.from_config(cfg["super_res_last"]), cfg["scheduler"], cfg["steps"])
-        return checkpoint.load_into(model, state, folder, "imported super-resolution stage")
+        return checkpoint.load_into(cls.from_config(meta["config"]), state, folder,
+                                    "imported super-resolution stage")
 
 
 LOADERS = {PRIOR_KIND: KarloPrior.from_checkpoint, DECODER_KIND: KarloDecoder.from_checkpoint,
