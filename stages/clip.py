@@ -70,9 +70,17 @@ def _train(ctx: StageContext) -> StageResult:
     c = ctx.stage_cfg
     model_cfg = to_container(c.model)
     init = resolve_init(c.get("init_from"), "clip", (CLIP_KIND,))
-    if init is not None:
-        model_cfg = dict(init.config)  # the source's architecture
-    size = int(model_cfg["vision_cfg"]["image_size"])
+    imported = init is not None and init.config.get("backend") == "transformers"
+    if imported:  # an imported transformers CLIP: its towers, at its image side
+        model_cfg = dict(init.config)
+        size = int(model_cfg["vision"]["image_size"]) if model_cfg.get("vision") else 0
+        if not size:
+            raise InitFromError(f"clip.init_from={init.uri}: the imported CLIP has no image tower "
+                                "(import it with --image-encoder)")
+    else:
+        if init is not None:
+            model_cfg = dict(init.config)  # the source's architecture
+        size = int(model_cfg["vision_cfg"]["image_size"])
     shards = list_shards(ctx.input("filter", "shards"))
     frac = float(c.train.holdout_fraction)
     train_ds = ray.data.from_items([{"shard": s} for s in shards], override_num_blocks=len(shards)) \
@@ -89,7 +97,9 @@ def _train(ctx: StageContext) -> StageResult:
     per_worker = n_train // int(c.train.num_workers)
     config = {
         "model": model_cfg, "train": to_container(c.train), "n_train": n_train,
-        "init": None if init is None else init.record(),
+        # an imported CLIP is built from its folder (towers, tokenizer, processor), digest-checked
+        "init": None if init is None or imported else init.record(),
+        "imported": None if not imported else init.record(),
         "steps_per_epoch": max(1, per_worker // int(c.train.batch_size)),
         "holdout": {"images": np.stack([r["image"] for r in holdout]),
                     "captions": [r["caption"] for r in holdout]},
@@ -98,12 +108,16 @@ def _train(ctx: StageContext) -> StageResult:
              int(c.train.num_workers))
     result = training.fit(ctx, train_loop, config, int(c.train.num_workers),
                           datasets={"train": train_ds})
-    model = create_custom(model_cfg)
+    model = build_model(config)
     ema = None if c.train.get("ema_decay") is None else EMA(model, float(c.train.ema_decay))
     meta = training.load_result_state(result, model, ema)
     if ema is not None:  # the averaged weights are the ones registered
         model = ema.model
-    encoder = ClipEncoder(model, {"arch": "custom", "source": "trained", "kind": "trained"}, model_cfg)
+    if imported:  # saved back in the imported layout (the temperature is the training's own)
+        encoder = model.encoder({"arch": "transformers:CLIP", "source": "trained", "kind": "trained"})
+    else:
+        encoder = ClipEncoder(model, {"arch": "custom", "source": "trained", "kind": "trained"},
+                              model_cfg)
     folder = ctx.path("model")
     encoder.save(folder, extra={"trained_steps": meta.get("step"), "metrics": meta.get("metrics"),
                                 **({} if init is None else {"init_from": init.record()})})
@@ -123,6 +137,25 @@ def _train(ctx: StageContext) -> StageResult:
                     if "val_zeroshot_shape" in final else "")
                  + f"registered {c.register_name} v{version} as {alias}"),
     )
+
+
+def build_model(config: dict[str, Any]) -> torch.nn.Module:
+    """The CLIP the workers train: open_clip's from its config, or an imported transformers CLIP
+    (:class:`TrainableHFClip`) from the folder the stage resolved, refused if its weights changed."""
+    source = config.get("imported")
+    if not source:
+        return create_custom(config["model"])
+    from stages.init_from import _digest
+    from unclip import checkpoint, storage
+    from unclip.interop.hf_clip import TrainableHFClip, load_hf_clip
+    from unclip.registry import resolve_checkpoint
+
+    folder = resolve_checkpoint(source["pinned"])
+    digest = _digest(storage.read_bytes(storage.join(folder, checkpoint.WEIGHTS)))
+    if digest != source["digest"]:
+        raise InitFromError(f"clip.init_from={source['uri']}: the weights at {source['pinned']} "
+                            f"changed since the stage resolved them")
+    return TrainableHFClip(load_hf_clip(folder)).train()
 
 
 def _cache_decoded(ctx: StageContext, size: int) -> bool:
@@ -177,7 +210,8 @@ def train_loop(config: dict[str, Any]) -> None:
     def steps(w: training.Worker) -> training.Steps:
         inner = training.unwrap(w.model)
         loss_fn = ClipLoss(gather_with_grad=True, rank=w.session.rank, world_size=w.session.world_size)
-        tok = SimpleTokenizer(context_length=int(inner.context_length))
+        # an imported CLIP tokenizes with its own tokenizer (ids and mask in one tensor)
+        tok = getattr(inner, "tokenize", None) or SimpleTokenizer(context_length=int(inner.context_length))
         shard = ray.train.get_dataset_shard("train")
 
         def batches(epoch: int):
@@ -189,5 +223,5 @@ def train_loop(config: dict[str, Any]) -> None:
                               lambda m, step: heldout_retrieval(m, config["holdout"]),
                               clamp_logit_scale)
 
-    training.train_worker(config, lambda: create_custom(config["model"]), cfg, steps,
+    training.train_worker(config, lambda: build_model(config), cfg, steps,
                           ema=t.get("ema_decay") is not None, betas=(0.9, 0.98), eps=1e-6)

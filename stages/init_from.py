@@ -9,9 +9,9 @@ stage's manifest and into the saved model's ``config.json``: the result names ex
 started from. The workers load those weights (digest-checked) before the first step, unless they
 resume their own checkpoint: a resumed fine-tuning continues from where it was, not from the source.
 
-Imported diffusers models (``diffusers_unclip_*`` kinds, ``unclip import-diffusers``): the prior,
-decoder and upsampler stages fine-tune imported priors, decoders and super-resolution stages;
-CLIP refuses them by kind, before any data work.
+Imported models (``unclip import-diffusers``): the prior, decoder and upsampler stages fine-tune
+imported (``diffusers_unclip_*``) priors, decoders and super-resolution stages, the clip stage the
+imported transformers CLIP; a stage given another stage's kind refuses it before any data work.
 """
 
 from __future__ import annotations
@@ -74,9 +74,9 @@ def resolve_init(uri: str | None, stage: str, kinds: tuple[str, ...]) -> InitSou
             f"{stage}.init_from={uri}: holds an imported diffusers model ({kind!r}); this stage does "
             f"not support fine-tuning it yet (it takes {', '.join(kinds)} checkpoints)")
     backend = (meta.get("config") or {}).get("backend") if isinstance(meta.get("config"), dict) else None
-    if backend:  # the imported transformers CLIP (unclip/interop/hf_clip.py): inference only
-        raise InitFromError(f"{stage}.init_from={uri}: holds an imported {backend} {kind!r}; "
-                            "fine-tuning imported models is not supported yet")
+    if backend and stage != "clip":  # the imported transformers CLIP: the clip stage trains it
+        raise InitFromError(f"{stage}.init_from={uri}: holds an imported {backend} {kind!r}, which "
+                            "only clip.init_from trains")
     if kind not in kinds:
         raise InitFromError(f"{stage}.init_from={uri}: holds a {kind!r}, not a {' or '.join(kinds)} "
                             f"this stage trains")

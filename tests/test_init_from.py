@@ -231,8 +231,8 @@ def test_changed_weights_and_wrong_or_imported_sources_are_refused(tmp_path):
         resolve_init(str(imported), "prior", ("diffusion_prior",))
     hf = tmp_path / "hf"
     checkpoint.save(str(hf), {"w": torch.zeros(1)}, "clip", {"backend": "transformers"})
-    with pytest.raises(InitFromError, match="imported transformers 'clip'.*not supported yet"):
-        resolve_init(str(hf), "clip", ("clip",))
+    with pytest.raises(InitFromError, match="imported transformers 'clip', which only clip.init_from"):
+        resolve_init(str(hf), "decoder", ("decoder",))
     Upsampler({"channels": [8, 16], "norm_num_groups": 4}).save(folder)  # other weights, same place
     with pytest.raises(InitFromError, match="changed since the stage resolved them"):
         load_init_weights(Upsampler({"channels": [8, 16], "norm_num_groups": 4}), init.record())

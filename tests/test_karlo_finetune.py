@@ -1,4 +1,4 @@
-"""The decoder, prior and upsample1 stages fine-tune imported (diffusers / Karlo) models: ``clip.source`` is the
+"""The clip, prior, decoder and upsample1 stages fine-tune imported (diffusers / Karlo) models: ``clip.source`` is the
 CLIP imported with them, the embed stage stores the embeddings' norms so the raw projections Karlo
 reads come back, and ``decoder.init_from`` / ``prior.init_from=models:/unclip-*@karlo`` train the
 imported modules on the run's data (the smoke data) and register the results in the imported
@@ -125,12 +125,28 @@ def test_stages_fine_tune_imported_models(smoke_run, tmp_path, monkeypatch):
                               settings=Settings(prior_steps=3, decoder_steps=3, upsampler_steps=3))
     assert [im.size for im in images[0]] == [(8, 8)] * 2 and [im.size for im in images[-1]] == [(32, 32)] * 2
 
+    # and CLIP: clip.init_from (clip.source unset) trains the imported transformers CLIP's towers
+    from unclip.models.clip import load_clip
 
-def _registered(run_dir) -> str:
-    """The imported decoder's folder, through the run's registry."""
+    source_clip = checkpoint.load(_registered(run_dir, "unclip-clip"))[0]
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert main(["stage", "clip", "preset=smoke", f"run_dir={run_dir}",
+                 "clip.init_from=models:/unclip-clip@karlo", "clip.train.lr=1e-3"]) == 0
+    k = read_manifest(str(run_dir), "clip")
+    assert k.metrics["init_from_pinned"].startswith("models:/unclip-clip/")
+    assert 0 <= k.metrics["val_recall_at_5"] <= 1
+    tuned_clip = load_clip(k.outputs["model"])
+    assert tuned_clip.identity["backend"] == "transformers" and tuned_clip.dim == 32
+    tuned_state = checkpoint.load(k.outputs["model"])[0]
+    assert tuned_state.keys() == source_clip.keys()  # the imported layout, without the temperature
+    assert any(not torch.equal(tuned_state[n], source_clip[n]) for n in source_clip)
+
+
+def _registered(run_dir, name: str = "unclip-decoder") -> str:
+    """An imported model's folder, through the run's registry."""
     import mlflow
 
     from unclip.registry import pinned_uri, resolve_checkpoint
 
     mlflow.set_tracking_uri(f"sqlite:///{run_dir / 'mlflow.db'}")
-    return resolve_checkpoint(pinned_uri("models:/unclip-decoder@karlo"))
+    return resolve_checkpoint(pinned_uri(f"models:/{name}@karlo"))

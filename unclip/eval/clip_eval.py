@@ -20,7 +20,8 @@ def heldout_retrieval(model: torch.nn.Module, holdout: dict[str, Any], batch_siz
     from open_clip.tokenizer import SimpleTokenizer
 
     model.eval()
-    tok = SimpleTokenizer(context_length=int(model.context_length))
+    # an imported (transformers) CLIP brings its own tokenizer (unclip.interop.hf_clip)
+    tok = getattr(model, "tokenize", None) or SimpleTokenizer(context_length=int(model.context_length))
     device = model_device(model)  # a GPU worker's model: inputs go there, outputs back
 
     def encode_text(captions: list[str]) -> np.ndarray:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import os
 import tempfile
 from typing import Any, Iterator, Sequence
@@ -222,3 +223,46 @@ def load_hf_clip(folder: str) -> HFClipEncoder:
     identity = {"arch": f"{BACKEND}:CLIP", "source": folder, "kind": "checkpoint", "digest": digest,
                 **({"imported_from": meta["imported_from"]} if meta.get("imported_from") else {})}
     return HFClipEncoder(text, tokenizer, vision, processor, identity)
+
+
+class TrainableHFClip(torch.nn.Module):
+    """An imported (transformers) CLIP as the clip stage trains it: both towers and a learned
+    temperature, with open_clip's training interface (``forward(images, tokens)`` -> unit image
+    features, unit text features, ``logit_scale.exp()``; ``encode_image`` / ``encode_text``;
+    ``context_length``), so the stage's contrastive loss and held-out retrieval serve it unchanged.
+    ``tokenize`` returns ids and attention mask stacked as one (B, 2, L) tensor, the one argument
+    that interface passes. The temperature is not part of the imported checkpoint: it starts at
+    CLIP's 1/0.07 and is dropped when the towers are saved back (:meth:`encoder`)."""
+
+    def __init__(self, source: HFClipEncoder):
+        super().__init__()
+        if not source.has_images:
+            raise ValueError("fine-tuning an imported CLIP needs its image tower (import it with "
+                             "--image-encoder)")
+        self.text = source.model["text"]
+        self.vision = source.model["vision"]
+        self.logit_scale = torch.nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self.context_length = source.context_length
+        self.image_size = source.image_size
+        self._source = source  # tokenizer, processor, identity (not modules)
+
+    def tokenize(self, captions: Sequence[str]) -> torch.Tensor:
+        t = self._source.tokenizer(list(captions), padding="max_length", truncation=True,
+                                   max_length=self.context_length, return_tensors="pt")
+        return torch.stack([t.input_ids, t.attention_mask], dim=1)
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.vision(pixel_values=pixels).image_embeds
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.text(input_ids=tokens[:, 0], attention_mask=tokens[:, 1]).text_embeds
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor):
+        return (F.normalize(self.encode_image(images), dim=-1),
+                F.normalize(self.encode_text(tokens), dim=-1), self.logit_scale.exp())
+
+    def encoder(self, identity: dict[str, Any] | None = None) -> HFClipEncoder:
+        """The towers (as trained) as an encoder that saves in the imported layout."""
+        src = self._source
+        return HFClipEncoder(self.text, src.tokenizer, self.vision, src.processor,
+                             identity or src.identity)
