@@ -115,6 +115,7 @@ def test_step_quality_scores_every_stage_at_each_step_count(smoke_run) -> None:
         assert 5 < r["val_psnr"] < 100 and 0 < r["val_ssim"] <= 1
 
 
+@pytest.mark.slow  # a benchmark pass (~10 s): make test runs it, make test-fast leaves it out
 def test_decoder_profile_quick_on_a_small_decoder(tmp_path: Path) -> None:
     """bench.decoder_profile --quick on a decoder shrunk to the smoke preset's 8 px (seconds): every
     variant is in the JSON, measured (positive time) or skipped with its reason (quick leaves
