@@ -5,6 +5,8 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
+
 from pipelines.cli import main
 
 
@@ -105,6 +107,7 @@ def test_server_down_mid_training_stage_loses_no_metric(mlflow_server, smoke_run
     assert sorted(h.step for h in history if h.step > 0) == list(range(10, total + 1, 10))
 
 
+@pytest.mark.slow  # two runs into sqlite MLflow stores: make test runs it, make test-fast leaves it out
 def test_a_second_run_in_the_same_process_logs_to_its_own_store(tmp_path, monkeypatch):
     """MLflow 3's set_tracking_uri exports MLFLOW_TRACKING_URI, which the config reads as the
     user's server: after a run on A, a run on B in the same process (tests, notebooks) logged to

@@ -142,6 +142,7 @@ def smoke():
     return cfg, make_plan(cfg), models.clip_encoder(cfg)[0].model
 
 
+@pytest.mark.slow  # measures the smoke plan (~30 s): make test runs it, make test-fast leaves it out
 def test_fake_tensor_memory_matches_real_tensors_at_tiny_size(smoke):
     """The memory plan's fake-tensor step allocates what the same step on real CPU tensors does,
     for the smoke preset's decoder, priors and first upsampler (the second is the same network):
