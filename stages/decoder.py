@@ -97,14 +97,11 @@ def imported_config(init: InitSource, resolution: int, clip: Any) -> dict[str, A
 
 def _check_norms(embeddings: str) -> None:
     """An imported decoder reads raw CLIP embeddings: the embed stage's norms must be there."""
-    from unclip.data.paired import NoNormsError
     from unclip.embeddings import io as eio
 
     files = eio.list_files(embeddings)
-    if files and eio.NORM not in eio.read_file(files[0]).column_names:
-        raise NoNormsError(f"decoder.init_from: an imported decoder reads raw CLIP embeddings, but "
-                           f"{files[0]} has no {eio.NORM} column (written before norms were stored, "
-                           "or imported): re-run the embed stage (python -m pipelines stage embed --force)")
+    if files:  # refused here, before any data work, rather than in a Ray Data task
+        eio.image_matrix(eio.read_file(files[0]), f"decoder.init_from: {files[0]}", raw=True)
 
 
 def run(ctx: StageContext) -> StageResult:

@@ -28,19 +28,13 @@ def read_split(batch: dict[str, np.ndarray], split: str, fraction: float,
     dim = 0
     for uri in batch["uri"]:
         table = eio.read_file(str(uri), None if raw else COLUMNS)
-        if raw and eio.NORM not in table.column_names:
-            raise ValueError(f"{uri}: no {eio.NORM} column, so the raw CLIP embeddings an imported "
-                             "prior reads cannot be rebuilt: re-run the embed stage")
         dim = table.schema.field("image_embedding").type.list_size
         keep = np.array([is_holdout(k, fraction) == (split == "holdout")
                          for k in table.column("key").to_pylist()], dtype=bool)
         if not keep.any():
             continue
         caps.extend(c or "" for c, k in zip(table.column("caption").to_pylist(), keep) if k)
-        z = eio.matrix(table, "image_embedding")
-        if raw:
-            z = z * table.column(eio.NORM).to_numpy(zero_copy_only=False).astype(np.float32)[:, None]
-        zi.append(z[keep])
+        zi.append(eio.image_matrix(table, str(uri), raw)[keep])
         zt.append(eio.matrix(table, "text_embedding")[keep])
     empty = np.zeros((0, dim), np.float32)
     return {"caption": np.array(caps, dtype=object),

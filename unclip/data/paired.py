@@ -21,20 +21,11 @@ from unclip.data.shards import RawSample, iter_shard
 from unclip.embeddings import io as eio
 
 
-class NoNormsError(ValueError):
-    """Raw embeddings asked of an embed output written without their norms."""
+NoNormsError = eio.NoNormsError  # raised where raw embeddings are asked of files without norms
 
 
 def _index(table, where: str, raw: bool) -> dict[str, np.ndarray]:
-    z = eio.matrix(table, "image_embedding")
-    if raw:
-        if eio.NORM not in table.column_names:
-            raise NoNormsError(
-                f"{where}: no {eio.NORM} column, so the raw CLIP embeddings this model reads cannot "
-                "be rebuilt (embeddings written before norms were stored, or imported): re-run the "
-                "embed stage (python -m pipelines stage embed --force ...)")
-        z = z * table.column(eio.NORM).to_numpy(zero_copy_only=False).astype(np.float32)[:, None]
-    return dict(zip(table.column("key").to_pylist(), z))
+    return dict(zip(table.column("key").to_pylist(), eio.image_matrix(table, where, raw)))
 
 
 def _columns(raw: bool) -> list[str] | None:

@@ -103,6 +103,24 @@ def matrix(table: pa.Table, column: str) -> np.ndarray:
     return col.values.to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float32, copy=False)
 
 
+class NoNormsError(ValueError):
+    """Raw embeddings asked of an embedding file written without their norms."""
+
+
+def image_matrix(table: pa.Table, where: str, raw: bool = False) -> np.ndarray:
+    """The image embeddings (n, dim): unit rows, or with ``raw`` the CLIP projections as they were
+    (unit row x ``NORM``), for models conditioned on raw projections (imported Karlo ones)."""
+    z = matrix(table, "image_embedding")
+    if not raw:
+        return z
+    if NORM not in table.column_names:
+        raise NoNormsError(
+            f"{where}: no {NORM} column, so the raw CLIP embeddings this model reads cannot be "
+            "rebuilt (embeddings written before norms were stored, or imported): re-run the embed "
+            "stage (python -m pipelines stage embed --force ...)")
+    return z * table.column(NORM).to_numpy(zero_copy_only=False).astype(np.float32)[:, None]
+
+
 def read_identity(uri: str) -> dict[str, Any] | None:
     fs, path = storage.get_fs(uri)
     with fs.open(path, "rb") as f:
