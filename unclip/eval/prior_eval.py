@@ -25,6 +25,11 @@ def validate(model: torch.nn.Module, kind: str, sampling: dict[str, Any], encode
         zt = torch.as_tensor(holdout["text"][i:i + batch_size], device=device)
         out.append(to_host(sample(model, kind, sampling, tokens, mask, zt, g)))
     z = to_numpy(torch.cat(out))
+    return cosine_scores(z, holdout)
+
+
+def cosine_scores(z: Any, holdout: dict[str, Any]) -> dict[str, float]:
+    """Mean cosine of sampled z_i to the true ones, beside the two baselines a prior must beat."""
     cos = mean_cosine(z, holdout["image"])
     base_text = mean_cosine(holdout["text"], holdout["image"])
     base_mean = mean_cosine(holdout["mean_train_image"], holdout["image"])
@@ -75,9 +80,4 @@ def validate_imported(model: torch.nn.Module, sampling: dict[str, Any], clip: An
                                         num_candidates=int(sampling.get("num_candidates", 1)),
                                         generator=g)))
     z = to_numpy(torch.cat(out))
-    cos = mean_cosine(z, holdout["image"])
-    base_text = mean_cosine(holdout["text"], holdout["image"])
-    base_mean = mean_cosine(holdout["mean_train_image"], holdout["image"])
-    return {"val_cosine": cos, "val_baseline_text": base_text, "val_baseline_mean": base_mean,
-            "val_delta": cos - max(base_text, base_mean),
-            "val_loss": heldout_loss(model, clip, holdout, seed, batch_size)}
+    return {**cosine_scores(z, holdout), "val_loss": heldout_loss(model, clip, holdout, seed, batch_size)}

@@ -104,6 +104,16 @@ class _NullCaption(nn.Module):
         return (self.null_text_embed.expand(b, -1), self.null_text_states.expand(b, -1, -1),
                 self.null_text_mask.expand(b, -1))
 
+    def drop_caption(self, text: Text, drop: torch.Tensor | None) -> Text:
+        """``text`` with the rows of ``drop`` replaced by the empty caption (guidance dropout)."""
+        if drop is None:
+            return text
+        emb, states, mask = text
+        d = drop.to(emb.device)
+        n_emb, n_states, n_mask = self.null_text(emb.shape[0])
+        return (torch.where(d[:, None], n_emb, emb), torch.where(d[:, None, None], n_states, states),
+                torch.where(d[:, None], n_mask, mask))
+
 
 def _text_shapes(cfg: dict[str, Any]) -> tuple[int, int, int]:
     return int(cfg["text_dim"]), int(cfg["text_length"]), int(cfg["text_width"])
@@ -196,14 +206,9 @@ class KarloPrior(_NullCaption):
         """Predicted latent x0 (B, dim) of one branch; rows of ``drop`` read the empty caption (the
         unconditional half of guidance, which fine-tuning keeps training)."""
         device = self.null_text_embed.device
-        emb, states, mask = text_embed.to(device).float(), text_states.to(device).float(), \
-            text_mask.to(device).bool()
-        if drop is not None:
-            d = drop.to(device)
-            n_emb, n_states, n_mask = self.null_text(emb.shape[0])
-            emb = torch.where(d[:, None], n_emb, emb)
-            states = torch.where(d[:, None, None], n_states, states)
-            mask = torch.where(d[:, None], n_mask, mask)
+        emb, states, mask = self.drop_caption(
+            (text_embed.to(device).float(), text_states.to(device).float(), text_mask.to(device).bool()),
+            drop)
         return self.prior(x_t, timestep=t, proj_embedding=emb, encoder_hidden_states=states,
                           attention_mask=mask).predicted_image_embedding
 
@@ -320,16 +325,11 @@ class KarloDecoder(_NullCaption):
         of ``drop_text`` the empty caption: the inputs of guidance's unconditional half, which
         fine-tuning must keep training (classifier-free guidance dropout)."""
         z, (emb, states, mask) = self._inputs(image_embeddings, text)
-        b, device = z.shape[0], z.device
+        device = z.device
         if drop_image is not None:
             null = self.text_proj.learned_classifier_free_guidance_embeddings.to(z.dtype)
             z = torch.where(drop_image.to(device)[:, None], null.expand_as(z), z)
-        if drop_text is not None:
-            d = drop_text.to(device)
-            n_emb, n_states, n_mask = self.null_text(b)
-            emb = torch.where(d[:, None], n_emb, emb)
-            states = torch.where(d[:, None, None], n_states, states)
-            mask = torch.where(d[:, None], n_mask, mask)
+        emb, states, mask = self.drop_caption((emb, states, mask), drop_text)
         context, time_embed = self.text_proj(image_embeddings=z, prompt_embeds=emb,
                                              text_encoder_hidden_states=states,
                                              do_classifier_free_guidance=False)
