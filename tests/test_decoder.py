@@ -503,21 +503,5 @@ def test_decoder_stage_outputs(smoke_run):
     assert names == ["step_000015.png", "step_000030.png"], names
 
 
-def test_decoder_resumes_after_a_killed_worker(smoke_run, tmp_path, monkeypatch):
-    """A worker dies at step 20 (checkpoints every 15): Ray Train restarts it, it resumes from step
-    15 and ends at the configured 30 steps."""
-    import shutil
-
-    from pipelines.cli import main
-    from pipelines.manifest import read_manifest
-
-    run_dir = tmp_path / "run"
-    shutil.copytree(smoke_run, run_dir, ignore=shutil.ignore_patterns("decoder", "decoder-*"))
-    marker = tmp_path / "killed"
-    monkeypatch.setenv("UNCLIP_FAULT_KILL_AT_STEP", "20")
-    monkeypatch.setenv("UNCLIP_FAULT_MARKER", str(marker))
-    assert main(["stage", "decoder", "preset=smoke", f"run_dir={run_dir}"]) == 0
-    assert marker.read_text() == "20"
-    m = read_manifest(str(run_dir), "decoder")
-    assert m.metrics["resumed_from_step"] == 15
-    assert m.metrics["step"] == 30
+# A killed worker's restart and resume from the last checkpoint: test_data_parallel.py (the decoder,
+# plain and sharded, kills a worker after its first checkpoint and checks the step it resumes from).

@@ -430,6 +430,7 @@ def test_our_own_models_still_go_through_the_cascade(tmp_path):
         model.generate("a red circle", settings=Settings(prior_steps=2, decoder_sampler="unclip"))
 
 
+@pytest.mark.slow  # ~9 s of training: make test runs it, make test-fast leaves it out
 def test_imported_decoder_fine_tunes_with_guidance_dropout(karlo, cascade, tmp_path):
     """KarloDecoder.training_losses: its conditional branch is the sampler's, a row with both
     conditions dropped is guidance's unconditional half (text_proj's learned image embedding and

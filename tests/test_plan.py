@@ -15,12 +15,12 @@ STAGES = ("clip", "prior", "decoder", "upsample1", "upsample2")
 
 
 # Measuring the memory plan (each model's step on fake tensors) takes 30 s for smoke, 20 s and 50 s
-# for tiny and paper here: the fast tier checks and sizes every preset (--no-measure); the whole
-# suite measures all three.
+# for tiny and paper on a quiet machine: the fast tier checks and sizes every preset (--no-measure);
+# the whole suite measures smoke and tiny through the CLI here, and paper once, in
+# test_paper_memory_plan (its fixture measures what `plan preset=paper` prints).
 @pytest.mark.parametrize("preset, measure", [
     ("smoke", False), ("tiny", False), ("paper", False),
-    pytest.param("smoke", True, marks=pytest.mark.slow),
-    pytest.param("tiny", True, marks=pytest.mark.slow), pytest.param("paper", True, marks=pytest.mark.slow),
+    pytest.param("smoke", True, marks=pytest.mark.slow), pytest.param("tiny", True, marks=pytest.mark.slow),
 ])
 def test_plan_checks_and_sizes_every_preset(preset, measure, capsys):
     assert main(["plan", *([] if measure else ["--no-measure"]), f"preset={preset}"]) == 0
@@ -142,6 +142,15 @@ def smoke():
     return cfg, make_plan(cfg), models.clip_encoder(cfg)[0].model
 
 
+@pytest.fixture(scope="module")
+def smoke_sized():
+    """The smoke preset's models on meta, not measured (measuring takes ~30 s), and its CLIP (meta)."""
+    from pipelines.plan import models
+
+    cfg = load_config(["preset=smoke"])
+    return cfg, make_plan(cfg, measure=False), models.clip_encoder(cfg)[0].model
+
+
 @pytest.mark.slow  # measures the smoke plan (~30 s): make test runs it, make test-fast leaves it out
 def test_fake_tensor_memory_matches_real_tensors_at_tiny_size(smoke):
     """The memory plan's fake-tensor step allocates what the same step on real CPU tensors does,
@@ -167,7 +176,7 @@ def test_fake_tensor_memory_matches_real_tensors_at_tiny_size(smoke):
         assert m.measured.flops == pytest.approx(real_flops, rel=1e-6), b.name
 
 
-def test_live_storage_count_matches_the_allocator_and_autograd(smoke):
+def test_live_storage_count_matches_the_allocator_and_autograd(smoke_sized):
     """Two independent counts of a real step's forward: the CPU allocator's own (torch.profiler's
     net allocation) equals what LiveStorages holds; what autograd saved for backward (saved-tensor
     hooks, one count per storage) is nearly all of it (the rest: the loss, the batch)."""
@@ -176,9 +185,9 @@ def test_live_storage_count_matches_the_allocator_and_autograd(smoke):
 
     from pipelines.plan import activations
 
-    cfg, plan, clip = smoke
-    for m in plan.memory:
-        b = m.row.built
+    cfg, plan, clip = smoke_sized
+    for r in plan.rows:
+        b = r.built
         if b.stage not in ("decoder", "upsample1"):
             continue
         probe = activations.probe_for(b.stage, b.name, _real(b.module), cfg, _real(clip))
