@@ -2,9 +2,11 @@
 (``bench/.venv-dalle2/bin/python bench/their_dalle2.py '<json spec>'``); the project never imports
 dalle2_pytorch. Prints one JSON object on its last stdout line.
 
-The spec (written by bench/dalle2.py) gives the sizes; CLIP is not used (``clip=None``): image
-embeddings, text embeddings and per-token text encodings are fed directly, as random tensors of
-the tiny preset's shapes. A training step is forward (their ``DiffusionPrior.forward`` /
+The spec (written by bench/dalle2.py) gives the sizes and, per model, our FLOPs per training
+sample (``target_flops``): each of their models is sized to it from a small grid of their own knobs
+(``match``: the candidate whose counted forward + backward FLOPs per sample are nearest), so the
+two sides do equal work. CLIP is not used (``clip=None``): image embeddings, text embeddings and
+per-token text encodings are fed directly, as random tensors of the tiny preset's shapes. A training step is forward (their ``DiffusionPrior.forward`` /
 ``Decoder.forward``, which sample t and noise and return the loss) + backward + gradient clipping +
 Adam step, the way their trainers do it (``dalle2_pytorch.optimizer.get_optimizer``: AdamW when
 weight decay > 0, Adam otherwise). Sampling uses their defaults (every one of the 1000 DDPM steps)
@@ -74,59 +76,116 @@ def step_fn(model, loss_fn, lr: float = 1e-4):
     return step, fwd_bwd
 
 
-def prior(s: dict, p: dict, repeats: int) -> dict:
+def match(build, candidates: list[dict], flops_per_sample, target: float) -> tuple[dict, float]:
+    """The candidate whose FLOPs per training sample are nearest ``target`` (by ratio); ties within
+    2% go to the earlier candidate (their defaults come first)."""
+    import math
+
+    best, best_f, best_d = None, 0.0, math.inf
+    for c in candidates:
+        f = flops_per_sample(build(c))
+        d = abs(math.log(f / target))
+        if d < best_d - 0.02:
+            best, best_f, best_d = c, f, d
+    return best, best_f
+
+
+def make_prior(s: dict, p: dict, knobs: dict):
     from dalle2_pytorch import DiffusionPrior, DiffusionPriorNetwork
 
     dim = s["clip_dim"]
-    net = DiffusionPriorNetwork(dim=dim, depth=p["layers"], heads=p["heads"],
-                                dim_head=dim // p["heads"], max_text_len=s["context"],
-                                num_timesteps=1000)
-    model = DiffusionPrior(net=net, clip=None, image_embed_dim=dim, timesteps=1000,
-                           cond_drop_prob=0.1, condition_on_text_encodings=True,
-                           image_embed_scale=dim ** 0.5)
-    b = p["batch"]
+    net = DiffusionPriorNetwork(dim=dim, depth=knobs["depth"], heads=p["heads"],
+                                dim_head=knobs["dim_head"], ff_mult=knobs["ff_mult"],
+                                max_text_len=s["context"], num_timesteps=1000)
+    return DiffusionPrior(net=net, clip=None, image_embed_dim=dim, timesteps=1000,
+                          cond_drop_prob=0.1, condition_on_text_encodings=True,
+                          image_embed_scale=dim ** 0.5)
+
+
+def prior_loss(s: dict, model, b: int):
+    dim = s["clip_dim"]
     z_i, z_t = unit(torch.randn(b, dim)), unit(torch.randn(b, dim))
     enc = text_encodings(s, b)
-    step, fwd_bwd = step_fn(model, lambda: model(text_embed=z_t, image_embed=z_i.clone(),
-                                                 text_encodings=enc))
-    out = {"params": sum(q.numel() for q in net.parameters()), "batch": b,
+    return lambda: model(text_embed=z_t, image_embed=z_i.clone(), text_encodings=enc)
+
+
+def per_sample(s: dict, loss_for, b: int = 2):
+    return lambda model: flops(lambda: loss_for(s, model, b)().backward()) / b
+
+
+def prior(s: dict, p: dict, repeats: int) -> dict:
+    # their network is as wide as the embedding: depth, attention head width and feed-forward
+    # multiple are the knobs (their defaults first: dim_head 64, ff_mult 4)
+    cands = [{"depth": dep, "dim_head": dh, "ff_mult": ff} for dep in (p["layers"], p["layers"] + 1)
+             for ff in (4, 2, 1) for dh in (64, 32, 16, 8)]
+    knobs, f = match(lambda k: make_prior(s, p, k), cands, per_sample(s, prior_loss), p["target_flops"])
+    model = make_prior(s, p, knobs)
+    b = p["batch"]
+    step, fwd_bwd = step_fn(model, prior_loss(s, model, b))
+    out = {"params": sum(q.numel() for q in model.net.parameters()), "batch": b, "knobs": knobs,
            "train_step": timed(step, repeats), "flops_fwd_bwd": flops(fwd_bwd)}
     out["samples_per_s"] = b / out["train_step"]["median_s"]
     model.eval()
+    dim = s["clip_dim"]
     sb = p["sample_batch"]
     cond = {"text_embed": unit(torch.randn(sb, dim)), "text_encodings": text_encodings(s, sb)}
     sampling = {}
     for name, steps in p["sample_steps"].items():
         # their sample() needs CLIP for the text; p_sample_loop is what it calls after embedding
-        fn = (lambda st=steps: model.p_sample_loop((sb, dim), text_cond=cond, cond_scale=1.0,
+        fn = (lambda st=steps: model.p_sample_loop((sb, dim), text_cond=cond, cond_scale=p["guidance_scale"],
                                                    timesteps=st))
-        sampling[name] = {"steps": steps, **timed(fn, p["sample_repeats"], warmup=0)}
+        sampling[name] = {"steps": steps or 1000, **timed(fn, p["sample_repeats"], warmup=0)}
     out["sampling"] = sampling
     return out
 
 
-def decoder(s: dict, d: dict, repeats: int) -> dict:
+def groups_for(dim: int, groups: int) -> int:
+    """Their ResNet blocks' group count: ours where it divides the width, else the largest that does."""
+    return next(g for g in (groups, 8, 4, 2, 1) if dim % g == 0)
+
+
+def make_decoder(s: dict, d: dict, knobs: dict):
     from dalle2_pytorch import Decoder, Unet
 
     levels = len(d["channel_mult"])
     sides = [d["resolution"] >> i for i in range(levels)]
-    unet = Unet(dim=d["base_channels"], image_embed_dim=s["clip_dim"], text_embed_dim=s["text_width"],
+    dim = knobs["dim"]
+    unet = Unet(dim=dim, image_embed_dim=s["clip_dim"], text_embed_dim=s["text_width"],
                 cond_dim=d["context_dim"], num_image_tokens=d["num_clip_tokens"],
                 dim_mults=tuple(d["channel_mult"]), num_resnet_blocks=d["layers_per_block"],
                 self_attn=tuple(side in d["attention_resolutions"] for side in sides),
-                attn_dim_head=d["head_channels"], attn_heads=max(1, d["base_channels"] * d["channel_mult"][-1]
-                                                                  // d["head_channels"]),
-                resnet_groups=d["norm_groups"], cond_on_text_encodings=True,
+                attn_dim_head=d["head_channels"],
+                attn_heads=max(1, dim * d["channel_mult"][-1] // d["head_channels"]),
+                resnet_groups=groups_for(dim, d["norm_groups"]), cond_on_text_encodings=True,
+                init_cross_embed=knobs["init_cross_embed"],
                 cond_on_image_embeds=True, max_text_len=s["context"], channels=3)
-    model = Decoder(unet=unet, clip=None, image_size=d["resolution"], timesteps=1000,
-                    image_cond_drop_prob=0.1, text_cond_drop_prob=0.5, learned_variance=True,
-                    beta_schedule="cosine")
-    b = d["batch"]
-    img = torch.rand(b, 3, d["resolution"], d["resolution"])      # their input range is [0, 1]
+    return Decoder(unet=unet, clip=None, image_size=d["resolution"], timesteps=1000,
+                   image_cond_drop_prob=0.1, text_cond_drop_prob=0.5, learned_variance=True,
+                   beta_schedule="cosine")
+
+
+def decoder_loss(s: dict, model, b: int):
+    side = model.image_sizes[0]
+    img = torch.rand(b, 3, side, side)      # their input range is [0, 1]
     z = unit(torch.randn(b, s["clip_dim"]))
     enc = text_encodings(s, b)
-    step, fwd_bwd = step_fn(model, lambda: model(img, image_embed=z, text_encodings=enc))
-    out = {"params": sum(q.numel() for q in model.unets.parameters()), "batch": b,
+    return lambda: model(img, image_embed=z, text_encodings=enc)
+
+
+def widths(ours: int) -> list[int]:
+    """Their base widths to try: ours first, then steps of an eighth of it (at least 2) around it."""
+    step = max(2, ours // 8)
+    return [ours] + [w for w in range(max(step, ours // 2), 2 * ours + 1, step) if w != ours]
+
+
+def decoder(s: dict, d: dict, repeats: int) -> dict:
+    cands = [{"dim": w, "init_cross_embed": ice} for ice in (True, False)
+             for w in widths(d["base_channels"])]
+    knobs, _ = match(lambda k: make_decoder(s, d, k), cands, per_sample(s, decoder_loss), d["target_flops"])
+    model = make_decoder(s, d, knobs)
+    b = d["batch"]
+    step, fwd_bwd = step_fn(model, decoder_loss(s, model, b))
+    out = {"params": sum(q.numel() for q in model.unets.parameters()), "batch": b, "knobs": knobs,
            "train_step": timed(step, repeats), "flops_fwd_bwd": flops(fwd_bwd)}
     out["samples_per_s"] = b / out["train_step"]["median_s"]
     model.eval()
@@ -138,6 +197,40 @@ def decoder(s: dict, d: dict, repeats: int) -> dict:
         fn = (lambda: model.sample(image_embed=zs, text_encodings=encs, cond_scale=d["guidance_scale"]))
         sampling[name] = {"steps": steps or 1000, **timed(fn, d["sample_repeats"], warmup=0)}
     out["sampling"] = sampling
+    return out
+
+
+def make_upsampler(u: dict, knobs: dict):
+    """Their cascade with a throwaway first UNet: the second (``lowres_cond``, conv-only as ours,
+    no attention) is the upsampler trained at the crop side, predicting x0 like ours."""
+    from dalle2_pytorch import Decoder, Unet
+
+    dim, mults = knobs["dim"], tuple(c // u["channels"][0] for c in u["channels"])
+    first = Unet(dim=8, dim_mults=(1,), num_resnet_blocks=1, attend_at_middle=False, channels=3)
+    up = Unet(dim=dim, dim_mults=mults, num_resnet_blocks=u["layers_per_block"], lowres_cond=True,
+              self_attn=False, attend_at_middle=False, resnet_groups=groups_for(dim, u["norm_groups"]),
+              init_cross_embed=knobs["init_cross_embed"], channels=3)
+    return Decoder(unet=(first, up), image_sizes=(u["crop"] // u["scale"], u["crop"]), clip=None,
+                   unconditional=True, timesteps=1000, learned_variance=False,
+                   predict_x_start=(False, True), beta_schedule="cosine")
+
+
+def upsampler_loss(s: dict, model, b: int):
+    side = model.image_sizes[-1]
+    img = torch.rand(b, 3, side, side)
+    return lambda: model(img, unet_number=2)
+
+
+def upsampler(s: dict, u: dict, repeats: int) -> dict:
+    cands = [{"dim": w, "init_cross_embed": ice} for ice in (True, False)
+             for w in widths(u["channels"][0])]
+    knobs, _ = match(lambda k: make_upsampler(u, k), cands, per_sample(s, upsampler_loss), u["target_flops"])
+    model = make_upsampler(u, knobs)
+    b = u["batch"]
+    step, fwd_bwd = step_fn(model, upsampler_loss(s, model, b))
+    out = {"params": sum(q.numel() for q in model.unets[1].parameters()), "batch": b, "knobs": knobs,
+           "train_step": timed(step, repeats), "flops_fwd_bwd": flops(fwd_bwd)}
+    out["samples_per_s"] = b / out["train_step"]["median_s"]
     return out
 
 
@@ -161,6 +254,8 @@ def main() -> int:
         result["prior"] = prior(s, spec["prior"], int(spec["repeats"]))
     if "decoder" in spec:
         result["decoder"] = decoder(s, spec["decoder"], int(spec["repeats"]))
+    if "upsampler" in spec:
+        result["upsampler"] = upsampler(s, spec["upsampler"], int(spec["repeats"]))
     print(json.dumps(result))
     return 0
 
