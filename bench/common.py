@@ -66,11 +66,30 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
+def cpu_attention_flops() -> dict[Any, Callable[..., int]]:
+    """FlopCounterMode formulas for the CPU flash-attention kernels that
+    ``F.scaled_dot_product_attention`` dispatches to on CPU: torch (2.14) has none, so attention
+    would count as 0 FLOPs on CPU while the same attention written with matmuls counts."""
+    from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
+
+    aten = torch.ops.aten
+
+    def forward(query, key, value, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_flop_count(query, key, value)  # shapes: FlopCounterMode passes tensor shapes
+
+    def backward(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_backward_flop_count(grad_out, query, key, value)
+
+    return {aten._scaled_dot_product_flash_attention_for_cpu: forward,
+            aten._scaled_dot_product_flash_attention_for_cpu_backward: backward}
+
+
 def count_flops(fn: Callable[[], Any]) -> float:
-    """FLOPs of one call of ``fn`` (matmuls and convolutions, as torch's FlopCounterMode counts)."""
+    """FLOPs of one call of ``fn`` (matmuls, convolutions and attention, as torch's FlopCounterMode
+    counts them, with the CPU attention kernels it misses added)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as fc:
+    with FlopCounterMode(display=False, custom_mapping=cpu_attention_flops()) as fc:
         fn()
     return float(fc.get_total_flops())
 

@@ -38,9 +38,16 @@ def timed(fn, repeats: int, warmup: int = 1) -> dict:
 
 
 def flops(fn) -> float:
-    from torch.utils.flop_counter import FlopCounterMode
+    """Counted as bench.common.count_flops counts ours (CPU attention kernels included; this file
+    runs in the other venv and cannot import it)."""
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-    with FlopCounterMode(display=False) as fc:
+    aten = torch.ops.aten
+    mapping = {aten._scaled_dot_product_flash_attention_for_cpu:
+               lambda q, k, v, *a, out_shape=None, **kw: sdpa_flop_count(q, k, v),
+               aten._scaled_dot_product_flash_attention_for_cpu_backward:
+               lambda g, q, k, v, *a, out_shape=None, **kw: sdpa_backward_flop_count(g, q, k, v)}
+    with FlopCounterMode(display=False, custom_mapping=mapping) as fc:
         fn()
     return float(fc.get_total_flops())
 
@@ -124,7 +131,6 @@ def prior(s: dict, p: dict, repeats: int) -> dict:
     step, fwd_bwd = step_fn(model, prior_loss(s, model, b))
     out = {"params": sum(q.numel() for q in model.net.parameters()), "batch": b, "knobs": knobs,
            "train_step": timed(step, repeats), "flops_fwd_bwd": flops(fwd_bwd)}
-    out["samples_per_s"] = b / out["train_step"]["median_s"]
     model.eval()
     dim = s["clip_dim"]
     sb = p["sample_batch"]
@@ -134,7 +140,8 @@ def prior(s: dict, p: dict, repeats: int) -> dict:
         # their sample() needs CLIP for the text; p_sample_loop is what it calls after embedding
         fn = (lambda st=steps: model.p_sample_loop((sb, dim), text_cond=cond, cond_scale=p["guidance_scale"],
                                                    timesteps=st))
-        sampling[name] = {"steps": steps or 1000, **timed(fn, p["sample_repeats"], warmup=0)}
+        # one warm-up call, as ours
+        sampling[name] = {"steps": steps or 1000, **timed(fn, p["sample_repeats"], warmup=1)}
     out["sampling"] = sampling
     return out
 
@@ -187,7 +194,6 @@ def decoder(s: dict, d: dict, repeats: int) -> dict:
     step, fwd_bwd = step_fn(model, decoder_loss(s, model, b))
     out = {"params": sum(q.numel() for q in model.unets.parameters()), "batch": b, "knobs": knobs,
            "train_step": timed(step, repeats), "flops_fwd_bwd": flops(fwd_bwd)}
-    out["samples_per_s"] = b / out["train_step"]["median_s"]
     model.eval()
     sb = d["sample_batch"]
     zs, encs = unit(torch.randn(sb, s["clip_dim"])), text_encodings(s, sb)
@@ -195,7 +201,8 @@ def decoder(s: dict, d: dict, repeats: int) -> dict:
     for name, steps in d["sample_steps"].items():
         model.sample_timesteps = (steps,)
         fn = (lambda: model.sample(image_embed=zs, text_encodings=encs, cond_scale=d["guidance_scale"]))
-        sampling[name] = {"steps": steps or 1000, **timed(fn, d["sample_repeats"], warmup=0)}
+        # one warm-up call, as ours
+        sampling[name] = {"steps": steps or 1000, **timed(fn, d["sample_repeats"], warmup=1)}
     out["sampling"] = sampling
     return out
 
@@ -230,7 +237,6 @@ def upsampler(s: dict, u: dict, repeats: int) -> dict:
     step, fwd_bwd = step_fn(model, upsampler_loss(s, model, b))
     out = {"params": sum(q.numel() for q in model.unets[1].parameters()), "batch": b, "knobs": knobs,
            "train_step": timed(step, repeats), "flops_fwd_bwd": flops(fwd_bwd)}
-    out["samples_per_s"] = b / out["train_step"]["median_s"]
     return out
 
 
@@ -243,18 +249,25 @@ def time_to_quality(spec: dict) -> dict:
 
     rows = torch.load(spec["data"], weights_only=True)
     s, p = spec["sizes"], spec["prior"]
-    prior_loss_rows = lambda model, b: (lambda: model(  # noqa: E731 - the sizing grid's loss
-        text_embed=rows["zt"][:b], image_embed=rows["zi"][:b].clone(), text_encodings=rows["states"][:b]))
+    first = torch.as_tensor(spec["first_batch"])  # ours is counted on the same rows
+    prior_loss_rows = lambda model: (lambda: model(  # noqa: E731 - the sizing grid's loss
+        text_embed=rows["zt"][first], image_embed=rows["zi"][first].clone(),
+        text_encodings=rows["states"][first]))
     cands = [{"depth": dep, "dim_head": dh, "ff_mult": ff} for dep in (p["layers"], p["layers"] + 1)
              for ff in (4, 2, 1) for dh in (64, 32, 16, 8)]
     knobs, f = match(lambda k: make_prior(s, p, k), cands,
-                     lambda m: flops(lambda: prior_loss_rows(m, 2)().backward()) / 2, p["target_flops"])
+                     lambda m: flops(lambda: prior_loss_rows(m)().backward()) / len(first),
+                     p["target_flops"])
     runs = []
     for lr in spec["lrs"]:
         torch.manual_seed(spec["seed"])
         model = make_prior(s, p, knobs)
-        # their trainer's defaults (AdamW wd 1e-2, its EMA schedule) and our clipping at 1.0
-        trainer = DiffusionPriorTrainer(model, lr=lr, max_grad_norm=1.0, use_ema=True)
+        # their trainer, its AdamW (weight decay 1e-2); our clipping at 1.0, and its EMA updated
+        # every step from the first at our decay: their default EMA (0.9999, every 10 steps from
+        # step 100) would lag far behind the weights in a budget of a few hundred steps
+        trainer = DiffusionPriorTrainer(model, lr=lr, max_grad_norm=1.0, use_ema=True,
+                                        ema_beta=spec["ema_decay"], ema_update_every=1,
+                                        ema_update_after_step=0)
         trainer.train()
         rng = np.random.default_rng(spec["seed"])
         n, b = len(rows["zi"]), spec["batch"]
@@ -276,11 +289,13 @@ def time_to_quality(spec: dict) -> dict:
                 trainer.update()
                 spent += time.process_time() - c0
                 steps += 1
-            torch.manual_seed(spec["seed"] + 1)
-            z = trainer.p_sample_loop((len(rows["ho_zt"]), s["clip_dim"]),
-                                      text_cond={"text_embed": rows["ho_zt"],
-                                                 "text_encodings": rows["ho_states"]},
-                                      cond_scale=spec["guidance_scale"], timesteps=spec["steps"])
+            with torch.random.fork_rng():  # sampling leaves the training noise stream alone
+                torch.manual_seed(spec["seed"] + 1)
+                z = trainer.p_sample_loop((len(rows["ho_zt"]), s["clip_dim"]),
+                                          text_cond={"text_embed": rows["ho_zt"],
+                                                     "text_encodings": rows["ho_states"]},
+                                          cond_scale=spec["guidance_scale"], timesteps=spec["steps"],
+                                          eta=0.0)  # deterministic DDIM, as ours (their default: 1)
             name = f"z_{lr:g}_{k}.npy"
             np.save(f"{spec['out']}/{name}", z.float().numpy())
             points.append({"fraction": frac, "cpu_s": spent, "steps": steps, "z_file": name})

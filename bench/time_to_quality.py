@@ -5,11 +5,13 @@ held-out rows at 25%, 50% and 100% of the budget.
 Inputs come from ``--run-dir`` (any finished prior stage: its embeddings, held-out split, CLIP and
 prior config). The captions' per-token states are computed once with the run's CLIP, outside the
 budget, and fed to both sides (theirs zero-padded to the CLIP context, as their models expect).
-Both draw the same batches in the same order. Ours: the run's prior config, trained the way the
-stage trains it (its AdamW, warm-up, clipping and EMA). Theirs: their ``DiffusionPrior`` sized to
+Both draw the same batches in the same order. Ours: the run's prior config with the stage's
+AdamW, warm-up, clipping and EMA, at a constant learning rate after the warm-up (the stage's
+cosine decay needs a step count, which a CPU-seconds budget does not fix). Theirs: their ``DiffusionPrior`` sized to
 our FLOPs per sample (``bench/their_dalle2.py``), trained by their own ``DiffusionPriorTrainer``
-(its AdamW with its default weight decay, its EMA schedule; gradients clipped at 1.0 as ours) at
-each learning rate of a small sweep, so the comparison is fair to them. Score: the mean cosine of each side's EMA samples (DDIM, the same step count, one
+(its AdamW with its default weight decay; gradients clipped at 1.0 and its EMA updated every
+step at our decay, as ours: its default EMA would lag in so short a training) at each learning
+rate of a small sweep, so the comparison is fair to them. Their DDIM samples with eta 0, as ours. Score: the mean cosine of each side's EMA samples (DDIM, the same step count, one
 candidate, the run's guidance) to the true z_i, beside the two baselines a prior must beat (z_t
 itself and the mean training z_i). Budgets count training CPU seconds only (1 thread); sampling
 and scoring are outside them.
@@ -55,17 +57,30 @@ def load_rows(run_dir: str, max_holdout: int) -> dict[str, Any]:
     from unclip.models.captions import CaptionEncoder
     from unclip.models.clip import load_clip
 
-    prior = read_manifest(run_dir, "prior")
+    manifests = {st: read_manifest(run_dir, st) for st in ("clip", "embed", "prior")}
+    missing = [st for st, m in manifests.items() if m is None]
+    if missing:
+        raise SystemExit(f"{run_dir}: stage(s) {', '.join(missing)} not finished; run the pipeline "
+                         "through the prior stage first")
+    prior = manifests["prior"]
     cfg = prior.config["prior"]
     if cfg["kind"] != "diffusion":
         raise SystemExit(f"{run_dir}: the prior stage trained a {cfg['kind']} prior; this compares "
                          "diffusion priors (dalle2-pytorch has no autoregressive one)")
+    if cfg.get("init_from"):
+        raise SystemExit(f"{run_dir}: the prior was fine-tuned from {cfg['init_from']} (an imported "
+                         "model's own architecture and inputs); this trains the run's prior config "
+                         "from scratch, so it needs a run whose prior was trained from scratch")
     frac = float(cfg["holdout_fraction"])
-    files = eio.list_files(read_manifest(run_dir, "embed").outputs["embeddings"])
+    files = eio.list_files(manifests["embed"].outputs["embeddings"])
     parts = [read_split({"uri": np.array([u])}, "train", frac) for u in files]
     train = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     held = read_holdout(files, frac, max_holdout)
-    clip = load_clip(read_manifest(run_dir, "clip").outputs["model"])
+    batch = int(cfg["train"]["batch_size"])
+    if len(train["caption"]) < batch or not len(held["captions"]):
+        raise SystemExit(f"{run_dir}: {len(train['caption'])} training rows (a batch is {batch}) and "
+                         f"{len(held['captions'])} held-out rows: too few to compare on")
+    clip = load_clip(manifests["clip"].outputs["model"])
     encoder = CaptionEncoder(clip, "cpu")
     context = int(clip.context_length)
 
@@ -104,7 +119,7 @@ def train_ours(rows: dict[str, Any], budget_s: float, steps: int, seed: int) -> 
     model = DiffusionPrior(rows["model"]).train()
     loop = LoopConfig.from_dict({"lr": o["lr"], "weight_decay": o["weight_decay"],
                                  "ema_decay": o["ema_decay"], "grad_clip": t.get("grad_clip", 1.0),
-                                 "warmup_steps": t.get("warmup_steps", 0)})
+                                 "warmup_steps": t.get("warmup_steps", 100)})
     opt = make_optimizer(model, loop, betas=(0.9, float(o["adam_beta2"])), eps=float(o["adam_eps"]))
     ema = EMA(model, loop.ema_decay)
     g = torch.Generator().manual_seed(seed)
@@ -153,7 +168,7 @@ def budgeted(step, sample, budget_s: float) -> list[dict[str, Any]]:
 
 
 def run_theirs(rows: dict[str, Any], budget_s: float, steps: int, lrs: list[float], seed: int,
-               target_flops: float, threads: int) -> dict[str, Any]:
+               target_flops: float, first: np.ndarray, threads: int) -> dict[str, Any]:
     from bench.dalle2_env import ensure_env
 
     python = ensure_env()
@@ -164,7 +179,8 @@ def run_theirs(rows: dict[str, Any], budget_s: float, steps: int, lrs: list[floa
         spec = {"mode": "time_to_quality", "threads": threads, "data": str(data), "out": tmp,
                 "budget_s": budget_s, "fractions": list(FRACTIONS), "lrs": lrs, "seed": seed,
                 "steps": steps, "guidance_scale": float(rows["sampling"]["guidance_scale"]),
-                "batch": int(c["train"]["batch_size"]),
+                "batch": int(c["train"]["batch_size"]), "first_batch": first.tolist(),
+                "ema_decay": float(c[c["kind"]]["optim"]["ema_decay"]),
                 "sizes": {"clip_dim": int(rows["model"]["dim"]), "context": int(rows["states"].shape[1]),
                           "text_width": int(rows["states"].shape[2])},
                 "prior": {"layers": int(rows["model"]["layers"]), "heads": int(rows["model"]["heads"]),
@@ -180,16 +196,17 @@ def run_theirs(rows: dict[str, Any], budget_s: float, steps: int, lrs: list[floa
         return result
 
 
-def our_flops_per_sample(rows: dict[str, Any]) -> float:
+def our_flops_per_sample(rows: dict[str, Any], idx: np.ndarray) -> float:
+    """Counted on a training batch (``idx``): each batch is trimmed to its longest caption."""
     from unclip.models.prior import DiffusionPrior
 
     model = DiffusionPrior(rows["model"]).train()
     g = torch.Generator().manual_seed(0)
-    idx = torch.arange(2)
+    idx = torch.as_tensor(idx)
     mask = rows["mask"][idx]
     n = int(mask.sum(1).max())
     return common.count_flops(lambda: model.losses(rows["zi"][idx], rows["states"][idx][:, :n], mask[:, :n],
-                                                   rows["zt"][idx], g)["loss"].backward()) / 2
+                                                   rows["zt"][idx], g)["loss"].backward()) / len(idx)
 
 
 def run(run_dir: str, budget_s: float, lrs: list[float], steps: int = 64, max_holdout: int = 256,
@@ -198,9 +215,14 @@ def run(run_dir: str, budget_s: float, lrs: list[float], steps: int = 64, max_ho
 
     common.set_threads(threads)
     rows = load_rows(run_dir, max_holdout)
-    target = our_flops_per_sample(rows)
+    first = next(batch_order(len(rows["zi"]), int(rows["cfg"]["train"]["batch_size"]), seed))
+    target = our_flops_per_sample(rows, first)
     ours = train_ours(rows, budget_s, steps, seed)
-    theirs = run_theirs(rows, budget_s, steps, lrs, seed, target, threads)
+    theirs = run_theirs(rows, budget_s, steps, lrs, seed, target, first, threads)
+    equal = abs(theirs["gflop_per_sample"] * 1e9 / target - 1) <= 0.10
+    if not equal:
+        print(f"NOT equal work: their prior {theirs['gflop_per_sample']:.4f} GFLOP per sample against "
+              f"our {target / 1e9:.4f} (more than 10% apart)")
     truth = rows["ho_zi"]
     table = []
     for i, frac in enumerate(FRACTIONS):
@@ -221,6 +243,7 @@ def run(run_dir: str, budget_s: float, lrs: list[float], steps: int = 64, max_ho
               "budget_s": budget_s, "steps": steps, "n_holdout": len(truth),
               "n_train": int(len(rows["zi"])), "our_gflop_per_sample": target / 1e9,
               "their_knobs": theirs.get("knobs"), "their_gflop_per_sample": theirs.get("gflop_per_sample"),
+              "equal_work": equal,
               "baselines": baselines, "rows": table,
               "ours": [{k: v for k, v in p.items() if k != "z"} for p in ours],
               "theirs": [{"lr": r["lr"], "points": [{k: v for k, v in p.items() if k != "z"} for p in r["points"]]}
@@ -234,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--run-dir", required=True, help="a run whose prior stage finished (diffusion)")
     p.add_argument("--budget-s", type=float, default=120.0, help="training CPU seconds per side and run")
-    p.add_argument("--lrs", type=float, nargs="+", default=[1e-4, 3e-4, 1e-3],
+    p.add_argument("--lrs", type=float, nargs="+", default=[3e-4, 1e-3, 3e-3],
                    help="their learning-rate sweep (their trainer's default is 3e-4)")
     p.add_argument("--steps", type=int, default=64, help="DDIM steps both sides sample with")
     p.add_argument("--holdout", type=int, default=256, help="held-out rows scored")
