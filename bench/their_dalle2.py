@@ -97,6 +97,13 @@ def match(build, candidates: list[dict], flops_per_sample, target: float) -> tup
     return best, best_f
 
 
+def prior_knobs(layers: int) -> list[dict]:
+    """Their prior's sizing grid, their defaults first (dim_head 64, ff_mult 4): their network is
+    as wide as the embedding, so depth, head width and feed-forward multiple are the knobs."""
+    return [{"depth": dep, "dim_head": dh, "ff_mult": ff} for dep in (layers, layers + 1)
+            for ff in (4, 2, 1) for dh in (64, 32, 16, 8)]
+
+
 def make_prior(s: dict, p: dict, knobs: dict):
     from dalle2_pytorch import DiffusionPrior, DiffusionPriorNetwork
 
@@ -121,10 +128,7 @@ def per_sample(s: dict, loss_for, b: int = 2):
 
 
 def prior(s: dict, p: dict, repeats: int) -> dict:
-    # their network is as wide as the embedding: depth, attention head width and feed-forward
-    # multiple are the knobs (their defaults first: dim_head 64, ff_mult 4)
-    cands = [{"depth": dep, "dim_head": dh, "ff_mult": ff} for dep in (p["layers"], p["layers"] + 1)
-             for ff in (4, 2, 1) for dh in (64, 32, 16, 8)]
+    cands = prior_knobs(p["layers"])
     knobs, f = match(lambda k: make_prior(s, p, k), cands, per_sample(s, prior_loss), p["target_flops"])
     model = make_prior(s, p, knobs)
     b = p["batch"]
@@ -253,8 +257,7 @@ def time_to_quality(spec: dict) -> dict:
     prior_loss_rows = lambda model: (lambda: model(  # noqa: E731 - the sizing grid's loss
         text_embed=rows["zt"][first], image_embed=rows["zi"][first].clone(),
         text_encodings=rows["states"][first]))
-    cands = [{"depth": dep, "dim_head": dh, "ff_mult": ff} for dep in (p["layers"], p["layers"] + 1)
-             for ff in (4, 2, 1) for dh in (64, 32, 16, 8)]
+    cands = prior_knobs(p["layers"])
     knobs, f = match(lambda k: make_prior(s, p, k), cands,
                      lambda m: flops(lambda: prior_loss_rows(m)().backward()) / len(first),
                      p["target_flops"])
