@@ -161,8 +161,11 @@ def make_decoder(s: dict, d: dict, knobs: dict):
     levels = len(d["channel_mult"])
     sides = [d["resolution"] >> i for i in range(levels)]
     dim = knobs["dim"]
+    # their Unet skips its z_i -> tokens projection when the two widths are equal and then fails
+    # on the token shape: one more context channel keeps the projection (smoke-size models only)
+    cond_dim = d["context_dim"] + (d["context_dim"] == s["clip_dim"])
     unet = Unet(dim=dim, image_embed_dim=s["clip_dim"], text_embed_dim=s["text_width"],
-                cond_dim=d["context_dim"], num_image_tokens=d["num_clip_tokens"],
+                cond_dim=cond_dim, num_image_tokens=d["num_clip_tokens"],
                 dim_mults=tuple(d["channel_mult"]), num_resnet_blocks=d["layers_per_block"],
                 self_attn=tuple(side in d["attention_resolutions"] for side in sides),
                 attn_dim_head=d["head_channels"],
@@ -171,8 +174,9 @@ def make_decoder(s: dict, d: dict, knobs: dict):
                 init_cross_embed=knobs["init_cross_embed"],
                 cond_on_image_embeds=True, max_text_len=s["context"], channels=3)
     return Decoder(unet=unet, clip=None, image_size=d["resolution"], timesteps=1000,
-                   image_cond_drop_prob=0.1, text_cond_drop_prob=0.5, learned_variance=True,
-                   beta_schedule="cosine")
+                   image_cond_drop_prob=d.get("p_drop_clip", 0.1),
+                   text_cond_drop_prob=d.get("p_drop_caption", 0.5), learned_variance=True,
+                   beta_schedule="cosine", sample_timesteps=d.get("sample_timesteps"))
 
 
 def decoder_loss(s: dict, model, b: int):
@@ -306,6 +310,67 @@ def time_to_quality(spec: dict) -> dict:
     return {"knobs": knobs, "gflop_per_sample": f / 1e9, "runs": runs}
 
 
+def decoder_time_to_quality(spec: dict) -> dict:
+    """Their decoder (sized to our FLOPs per sample on the same first batch) trained by their
+    DecoderTrainer from scratch at each learning rate for the same training CPU seconds and batches
+    as ours; its EMA samples the held-out z_i (DDIM, eta 0) at each fraction of the budget, written
+    as uint8 (N, H, W, 3) .npy files for our scorer."""
+    import numpy as np
+    from dalle2_pytorch.trainer import DecoderTrainer
+
+    rows = torch.load(spec["data"], weights_only=True)
+    s = spec["sizes"]
+    d = {**spec["decoder"], "p_drop_clip": spec["p_drop_clip"], "p_drop_caption": spec["p_drop_caption"],
+         "sample_timesteps": spec["steps"]}
+    first = torch.as_tensor(spec["first_batch"])  # ours is counted on the same rows
+    cands = [{"dim": w, "init_cross_embed": ice} for ice in (True, False) for w in widths(d["base_channels"])]
+    knobs, f = match(lambda k: make_decoder(s, d, k), cands,
+                     lambda m: flops(lambda: m(rows["images"][first], image_embed=rows["zi"][first],
+                                               text_encodings=rows["states"][first]).backward()) / len(first),
+                     d["target_flops"])
+    runs, params = [], None
+    for lr in spec["lrs"]:
+        torch.manual_seed(spec["seed"])
+        model = make_decoder(s, d, knobs)
+        params = sum(q.numel() for q in model.unets.parameters())
+        # their trainer and its AdamW (weight decay 1e-2); our clipping, and its EMA at our decay
+        # updated every step from the first (their default, 0.9999 every 10 steps from step 100,
+        # would lag far behind the weights in a budget of a few hundred steps)
+        trainer = DecoderTrainer(model, lr=lr, max_grad_norm=spec["grad_clip"], use_ema=True,
+                                 ema_beta=spec["ema_decay"], ema_update_every=1, ema_update_after_step=0)
+        trainer.train()
+        rng = np.random.default_rng(spec["seed"])
+        n, b = len(rows["zi"]), spec["batch"]
+
+        def order():
+            while True:
+                perm = rng.permutation(n)
+                for i in range(0, n - b + 1, b):
+                    yield torch.as_tensor(perm[i:i + b])
+
+        batches = order()
+        points, spent, steps = [], 0.0, 0
+        for k, frac in enumerate(spec["fractions"]):
+            while spent < frac * spec["budget_s"]:
+                idx = next(batches)
+                c0 = time.process_time()
+                trainer(rows["images"][idx], image_embed=rows["zi"][idx], text_encodings=rows["states"][idx],
+                        unet_number=1)
+                trainer.update(1)
+                spent += time.process_time() - c0
+                steps += 1
+            with torch.random.fork_rng():  # sampling leaves the training noise stream alone
+                torch.manual_seed(spec["seed"] + 1)
+                x = trainer.sample(image_embed=rows["ho_zi"], text_encodings=rows["ho_states"],
+                                   cond_scale=spec["guidance_scale"])
+            name = f"x_{lr:g}_{k}.npy"
+            img = (x.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+            np.save(f"{spec['out']}/{name}", img.numpy())
+            points.append({"fraction": frac, "cpu_s": spent, "steps": steps, "images_file": name})
+        runs.append({"lr": lr, "points": points})
+    return {"knobs": knobs, "gflop_per_sample": f / 1e9, "params": params, "runs": runs}
+
+
 def main() -> int:
     spec = json.loads(sys.argv[1])
     warnings.filterwarnings("ignore")
@@ -313,6 +378,9 @@ def main() -> int:
     torch.manual_seed(0)
     if spec.get("mode") == "time_to_quality":
         print(json.dumps(time_to_quality(spec)))
+        return 0
+    if spec.get("mode") == "decoder_time_to_quality":
+        print(json.dumps(decoder_time_to_quality(spec)))
         return 0
     import dalle2_pytorch
 

@@ -115,6 +115,34 @@ def test_step_quality_scores_every_stage_at_each_step_count(smoke_run) -> None:
         assert 5 < r["val_psnr"] < 100 and 0 < r["val_ssim"] <= 1
 
 
+def test_decoder_time_to_quality_trains_ours_on_the_runs_own_pairs(smoke_run) -> None:
+    """bench.time_to_quality_decoder's side of ours (theirs needs the dalle2-pytorch venv): the
+    stage's decoder trained from scratch on the run's training pairs for a CPU budget, its EMA's
+    decodes of held-out z_i scored at each fraction; FLOPs per sample counted on a real batch."""
+    import math
+
+    from bench.time_to_quality import FRACTIONS, batch_order
+    from bench.time_to_quality_decoder import evaluator, load_pairs, our_flops_per_sample, train_ours
+
+    pairs = load_pairs(str(smoke_run), 4)
+    assert pairs["images"].dtype.name == "uint8" and len(pairs["images"]) == len(pairs["zi"])
+    assert pairs["states"].shape[:2] == pairs["mask"].shape and len(pairs["held"]["captions"]) == 4
+    first = next(batch_order(len(pairs["images"]), int(pairs["cfg"]["train"]["batch_size"]), 0))
+    assert our_flops_per_sample(pairs, first) > 1e6
+    points = train_ours(pairs, 1.5, 0, evaluator(pairs, 2))
+    assert [p["fraction"] for p in points] == list(FRACTIONS)
+    assert 0 < points[0]["steps"] <= points[-1]["steps"] and math.isfinite(points[-1]["loss"])
+    for p in points:
+        assert -1 <= p["z"]["val_clip_cosine"] <= 1 and 0 <= p["z"]["val_shape"] <= 1
+
+
+def test_decoder_time_to_quality_refuses_an_unfinished_run(tmp_path: Path) -> None:
+    from bench.time_to_quality_decoder import load_pairs
+
+    with pytest.raises(SystemExit, match="not finished"):
+        load_pairs(str(tmp_path), 4)
+
+
 @pytest.mark.slow  # a benchmark pass (~10 s): make test runs it, make test-fast leaves it out
 def test_decoder_profile_quick_on_a_small_decoder(tmp_path: Path) -> None:
     """bench.decoder_profile --quick on a decoder shrunk to the smoke preset's 8 px (seconds): every
