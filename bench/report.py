@@ -3,7 +3,9 @@ is pasted from measurements, never typed.
 
     .venv/bin/python -m bench.report [training sampling sampling:ar_prior pipeline_stages ...]
 
-``name:section`` prints the ``rows`` of that section of ``name``'s JSON.
+``name:section`` prints the ``rows`` of that section of ``name``'s JSON; ``name-tag`` (a result
+written with ``--out bench/results/name-tag.json``, e.g. ``time_to_quality-twemoji``) is printed
+with ``name``'s columns.
 """
 
 from __future__ import annotations
@@ -63,6 +65,12 @@ COLUMNS = {
                                     ("cpu_ms", "CPU ms / step"), ("share", "share of step"),
                                     ("achieved_gflops", "GFLOP/s"),
                                     ("fraction_of_peak", "of matmul peak")],
+    # the prior's columns depend on the learning-rate sweep: every key of its rows, in order
+    "time_to_quality": None,
+    "time_to_quality_decoder": [("side", "side"), ("lr", "lr"), ("budget", "budget"),
+                                ("steps", "steps"), ("clip_cosine", "CLIP cosine"),
+                                ("clip_cosine_mismatched", "mismatched"), ("color", "colour"),
+                                ("shape", "shape"), ("position", "position")],
     "clip_stage": [("clip stage", "CLIP stage"), ("samples", "samples"), ("epochs", "epochs"),
                    ("seconds", "wall s"), ("speedup", "speed-up"), ("val_recall_at_5", "recall@5")],
 }
@@ -86,7 +94,14 @@ def main(argv: list[str] | None = None) -> int:
         m = data.get("machine", {})
         print(f"<!-- {name}: {m.get('cpu_count')} CPUs, torch {m.get('torch_threads')} thread(s), "
               f"load {fmt(m.get('load_average_1min'))} -->")
-        print(table(data["rows"], COLUMNS[name]) + "\n")
+        key = name if name in COLUMNS else file.split("-")[0] + (":" + section if section else "")
+        if key not in COLUMNS:
+            print(f"<!-- {name}: no columns for {key!r}; known: {', '.join(COLUMNS)} -->\n")
+            continue
+        rows = data["rows"]
+        columns = COLUMNS[key] or [(k, k) for k in (rows[0] if rows else {})]
+        present = [c for c in columns if any(c[0] in r for r in rows)]  # e.g. no detector off shapes
+        print(table(rows, present) + "\n")
     return 0
 
 
