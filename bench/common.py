@@ -167,6 +167,12 @@ def _jsonable(v: Any) -> Any:
 
 
 def fmt(v: Any) -> str:
+    """A table cell: yes / no, thousands separated, floats to 3 significant digits (2 decimals
+    from 1, none from 100)."""
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, int):
+        return f"{v:,}"
     if isinstance(v, float):
         if v != v:
             return "nan"
