@@ -296,10 +296,11 @@ def profile_step(step: VariantStep, steps: int, threads: int) -> dict[str, Any]:
 
 
 def flops_by_kind(step: VariantStep) -> dict[str, float]:
-    """Forward + backward FLOPs per op kind (conv forward, conv backward, matmul)."""
+    """Forward + backward FLOPs per op kind (conv forward, conv backward, matmul, attention): torch's
+    counter with the CPU attention kernels it has no formula for added, as bench.common counts."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as fc:
+    with FlopCounterMode(display=False, custom_mapping=common.cpu_attention_flops()) as fc:
         step.forward_backward()
     by_op = {str(k).split(".")[-1]: float(v) for k, v in fc.get_flop_counts().get("Global", {}).items()}
     out = {"conv forward": 0.0, "conv backward": 0.0, "matmul/linear": 0.0, "attention": 0.0,
@@ -324,9 +325,11 @@ def compute_fractions(prof: dict[str, Any], flops: dict[str, float], peak: float
     """FLOPs / CPU time / peak of the convolutions and matmuls (their own, from the profile)."""
     cpu = {r["category"]: r["cpu_ms"] / 1000 for r in prof["rows"]}
     share = {r["category"]: r["share"] for r in prof["rows"]}
+    for d in (cpu, share):  # the profile's category name for the FLOP counter's "attention"
+        d["attention"] = d.get("attention (SDPA kernel)", 0.0)
     kinds = [("conv forward", ["conv forward"]), ("conv backward", ["conv backward"]),
-             ("matmul/linear", ["matmul/linear"]),
-             ("conv + matmul", ["conv forward", "conv backward", "matmul/linear"])]
+             ("matmul/linear", ["matmul/linear"]), ("attention (SDPA)", ["attention"]),
+             ("conv + matmul + attention", ["conv forward", "conv backward", "matmul/linear", "attention"])]
     out = []
     for name, cats in kinds:
         f = sum(flops[c] for c in cats)

@@ -38,11 +38,16 @@ class Sizes:
     up_sides: tuple[int, ...]      # output sides of the upsamplers (tiny: 128, 512)
     up_batch: int
     ar_prior: dict[str, Any]       # the AR prior's model options, num_buckets from the pca stage
+    # each upsampler's config as its stage builds it, and its training batch (empty: the library's
+    # default upsampler at ``up_batch``)
+    up_models: tuple[dict[str, Any], ...] = ()
+    up_batches: tuple[int, ...] = ()
 
 
 def tiny_sizes() -> Sizes:
     """Read the sizes from the composed tiny config, so the bench follows the presets."""
     from pipelines.config import load_config, to_container
+    from stages.upsample import model_config
 
     cfg = load_config(["preset=tiny"])
     clip = to_container(cfg.clip.model)
@@ -57,7 +62,9 @@ def tiny_sizes() -> Sizes:
                  decoder={**dec["model"], "resolution": res, "use_caption": bool(dec["use_caption"])},
                  decoder_batch=int(dec["train"]["batch_size"]), decoder_diffusion=dec["diffusion"],
                  decoder_sampling=dec["sampling"], prior_sampling=prior["sampling"],
-                 up_scale=4, up_sides=(res * 4, res * 16), up_batch=8, ar_prior=ar)
+                 up_scale=4, up_sides=(res * 4, res * 16), up_batch=8, ar_prior=ar,
+                 up_models=tuple(model_config(cfg[st]) for st in ("upsample1", "upsample2")),
+                 up_batches=tuple(int(cfg[st].train.batch_size) for st in ("upsample1", "upsample2")))
 
 
 # ---- models ----------------------------------------------------------------------------------
@@ -115,10 +122,15 @@ def make_decoder(s: Sizes) -> torch.nn.Module:
     return Decoder(cfg, DiffusionConfig.from_dict(s.decoder_diffusion))
 
 
-def make_upsampler(s: Sizes) -> torch.nn.Module:
+def make_upsampler(s: Sizes, i: int = 0) -> torch.nn.Module:
+    """Upsampler ``i`` of the cascade (0: the first) as the preset configures it."""
     from unclip.models.upsampler import Upsampler
 
-    return Upsampler({"scale": s.up_scale})
+    return Upsampler(s.up_models[i] if s.up_models else {"scale": s.up_scale})
+
+
+def up_batch(s: Sizes, i: int) -> int:
+    return s.up_batches[i] if s.up_batches else (s.up_batch, 2)[i]
 
 
 # ---- batches and steps -----------------------------------------------------------------------

@@ -56,7 +56,7 @@ def stage_fns(s: M.Sizes, g: torch.Generator, device: str = "cpu") -> dict[str, 
     db = {k: v.to(device) for k, v in M.decoder_batch(s, 1, g).items()}
     text = TextCondition(db["tokens"], db["mask"])
     gs = float(s.decoder_sampling["guidance_scale"])
-    ups = [M.make_upsampler(s).eval().to(device) for _ in s.up_sides]
+    ups = [M.make_upsampler(s, i).eval().to(device) for i in range(len(s.up_sides))]
     lows = [(torch.rand(1, 3, side // s.up_scale, side // s.up_scale, generator=g) * 2 - 1).to(device)
             for side in s.up_sides]
     t = torch.tensor([500], device=device)
@@ -134,11 +134,11 @@ def ar_prior_rows(s: M.Sizes, quick: bool, threads: int, device: str) -> list[di
 def configured(s: M.Sizes) -> dict[str, tuple[str, int]]:
     from unclip.models.upsampler import DEFAULTS
 
-    up = (str(DEFAULTS["sampler"]), int(DEFAULTS["steps"]))
     out = {"prior": (s.prior_sampling["sampler"], int(s.prior_sampling["steps"])),
            "decoder": (s.decoder_sampling["sampler"], int(s.decoder_sampling["steps"]))}
-    for side in s.up_sides:
-        out[f"upsampler {side // s.up_scale}->{side}"] = up
+    for i, side in enumerate(s.up_sides):  # each upsampler's own setting, the library's without one
+        c = s.up_models[i] if s.up_models else DEFAULTS
+        out[f"upsampler {side // s.up_scale}->{side}"] = (str(c["sampler"]), int(c["steps"]))
     return out
 
 

@@ -5,8 +5,8 @@ achieved FLOP/s as a fraction of this machine's measured float32 matmul peak.
 
     .venv/bin/python -m bench.training [--quick] [--threads 1] [--device cpu|cuda]
 
-Upsampler batches are crops a quarter of the target side (tiny: 32 px crops for 32->128, 128 px
-crops for 128->512).
+Each upsampler is the preset's own (its stage's model config and training batch); its batches are
+crops a quarter of the target side (tiny: 32 px crops for 32->128, 128 px crops for 128->512).
 """
 
 from __future__ import annotations
@@ -23,16 +23,15 @@ from bench import models as M
 
 def cases(s: M.Sizes, quick: bool) -> list[tuple[str, Callable[[], torch.nn.Module], Callable, Callable]]:
     """(name, model factory, loss factory, batch factory(generator))."""
-    up_batches = (s.up_batch, 2)
     return [
         ("prior", lambda: M.make_prior(s), M.prior_loss,
          lambda g: M.prior_batch(s, s.prior_batch, g)),
         ("decoder", lambda: M.make_decoder(s), M.decoder_loss,
          lambda g: M.decoder_batch(s, s.decoder_batch, g)),
-        (f"upsampler {s.up_sides[0] // 4}->{s.up_sides[0]}", lambda: M.make_upsampler(s), M.upsampler_loss,
-         lambda g: M.upsampler_batch(s.up_sides[0], s.up_scale, up_batches[0], g)),
-        (f"upsampler {s.up_sides[0]}->{s.up_sides[1]}", lambda: M.make_upsampler(s), M.upsampler_loss,
-         lambda g: M.upsampler_batch(s.up_sides[1], s.up_scale, up_batches[1], g)),
+        (f"upsampler {s.up_sides[0] // 4}->{s.up_sides[0]}", lambda: M.make_upsampler(s, 0), M.upsampler_loss,
+         lambda g: M.upsampler_batch(s.up_sides[0], s.up_scale, M.up_batch(s, 0), g)),
+        (f"upsampler {s.up_sides[0]}->{s.up_sides[1]}", lambda: M.make_upsampler(s, 1), M.upsampler_loss,
+         lambda g: M.upsampler_batch(s.up_sides[1], s.up_scale, M.up_batch(s, 1), g)),
     ]
 
 
