@@ -126,14 +126,21 @@ def upsampler_rows(run_dir: str, stage: str, up: Any, steps: list[int], samplers
 
 class Models:
     """The run's CLIP and each finished stage's model, from the stage manifests' checkpoint folders
-    (the ones each stage registered): a run whose later stages are still training is measured too."""
+    (the ones each stage registered): a run whose later stages are still training is measured too.
+    CLIP is loaded when first needed, so the upsamplers of a run without a clip stage are scored."""
 
     def __init__(self, run_dir: str, device: str = "cpu"):
-        from unclip.models.clip import load_clip
-
         self.run_dir, self.device = run_dir, torch.device(device)
-        self.clip = load_clip(_manifest(run_dir, "clip").outputs["model"])
-        self.clip.model.to(self.device)
+        self._clip: Any = None
+
+    @property
+    def clip(self) -> Any:
+        if self._clip is None:
+            from unclip.models.clip import load_clip
+
+            self._clip = load_clip(_manifest(self.run_dir, "clip").outputs["model"])
+            self._clip.model.to(self.device)
+        return self._clip
 
     def folder(self, stage: str) -> str:
         out = _manifest(self.run_dir, stage).outputs
