@@ -58,7 +58,7 @@ test: $(STAMP) browser  ## run the test suite
 test-fast: $(STAMP)  ## the edit-test loop: every test that starts no Ray, smoke run, cluster or MLflow server
 	$(BIN)/python -m pytest -m "not integration" $(PYTEST_ARGS)
 
-bench: $(STAMP)  ## run the benchmarks (tables + JSON under bench/results)
+bench: $(STAMP)  ## run the benchmarks (tables + JSON under bench/results); ARGS="--quick", "--only NAME", "--run-dir RUN" (also measure a finished run)
 	$(BIN)/python -m bench $(ARGS)
 
 clean:  ## remove the virtual environment and local runs

@@ -70,7 +70,7 @@ def run(quick: bool = False, threads: int = 1, out: str | None = None, samples: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=common.description(__doc__))
     common.add_common_args(p)
     p.add_argument("--samples", type=int, default=None)
     p.add_argument("--epochs", type=int, default=None)

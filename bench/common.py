@@ -197,6 +197,11 @@ def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str], title: s
         print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
 
 
+def description(doc: str) -> str:
+    """A module docstring's first paragraph, on one line: ``--help``'s description."""
+    return " ".join(doc.split("\n\n")[0].split())
+
+
 def add_common_args(p) -> None:
     p.add_argument("--quick", action="store_true", help="a short pass (fewer repeats, smaller data)")
     p.add_argument("--threads", type=int, default=1,

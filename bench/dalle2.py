@@ -224,7 +224,7 @@ def run(quick: bool = False, threads: int = 1, out: str | None = None) -> dict[s
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=common.description(__doc__))
     common.add_common_args(p)
     a = p.parse_args(argv)
     run(a.quick, a.threads, a.out)

@@ -457,7 +457,7 @@ def default_out(now: datetime.datetime) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=common.description(__doc__))
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
                    help="cuda (default; exits 2 without one) or cpu for the dry run")
     p.add_argument("--scale", default=None, choices=("paper", "smoke"),

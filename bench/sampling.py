@@ -204,7 +204,7 @@ def stage_latencies(s: M.Sizes, quick: bool, threads: int, device: str) -> dict[
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=common.description(__doc__))
     common.add_common_args(p)
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when there is one)")
     p.add_argument("--section", action="append", choices=SECTIONS,

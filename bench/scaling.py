@@ -113,7 +113,7 @@ def run(quick: bool = False, threads: int = 1, out: str | None = None,
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=common.description(__doc__))
     common.add_common_args(p)
     p.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2],

@@ -165,7 +165,7 @@ def run(quick: bool = False, threads: int = 1) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=common.description(__doc__))
     p.add_argument("--quick", action="store_true")
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args(argv)

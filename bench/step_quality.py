@@ -199,15 +199,43 @@ def print_table(result: dict[str, Any]) -> None:
     print("\n* = the setting the stage was trained to sample with (recorded in its checkpoint)")
 
 
+DEFAULTS = {"steps": [5, 10, 25, 50], "samplers": ["ddim", "dpm"], "captions": 64, "images": 16,
+            "up_images": 4}
+QUICK = {"steps": [5, 10], "samplers": ["ddim", "dpm"], "captions": 16, "images": 4,
+         "up_images": 2}  # python -m bench --quick
+
+
+def run_on(run_dir: str, quick: bool = False, threads: int = 1) -> dict[str, Any]:
+    """``python -m bench --run-dir RUN``: every stage of the run that has finished (the others
+    are named in the result), at the defaults or, with ``--quick``, a short pass."""
+    from pipelines.manifest import read_manifest
+
+    common.set_threads(threads)
+    stages = [s for s in STAGES if read_manifest(run_dir, s) is not None]
+    if not stages:
+        raise SystemExit(f"{run_dir}: none of {', '.join(STAGES)} has finished")
+    result = run(run_dir, stages=stages, **(QUICK if quick else DEFAULTS))
+    result["not_finished"] = [s for s in STAGES if s not in stages]
+    print_table(result)
+    common.write_result("step_quality", result)
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--run-dir", required=True, help="a run directory whose stages are done")
-    p.add_argument("--steps", default="5,10,25,50", help="step counts (the configured one is added)")
-    p.add_argument("--samplers", default="ddim,dpm", help="ddim, dpm (DPM-Solver++), ddpm")
-    p.add_argument("--stages", default=",".join(STAGES))
-    p.add_argument("--captions", type=int, default=64, help="held-out captions scored for the prior")
-    p.add_argument("--images", type=int, default=16, help="held-out images decoded per setting")
-    p.add_argument("--up-images", type=int, default=4, help="held-out images upsampled per setting")
+    p = argparse.ArgumentParser(description=common.description(__doc__))
+    p.add_argument("--run-dir", required=True, metavar="RUN", help="a run directory whose stages are done")
+    d = DEFAULTS
+    p.add_argument("--steps", default=",".join(map(str, d["steps"])),
+                   help="step counts (the configured one is added; default %(default)s)")
+    p.add_argument("--samplers", default=",".join(d["samplers"]),
+                   help="ddim, dpm (DPM-Solver++), ddpm (default %(default)s)")
+    p.add_argument("--stages", default=",".join(STAGES), help="default %(default)s")
+    p.add_argument("--captions", type=int, default=d["captions"],
+                   help="held-out captions scored for the prior (default %(default)s)")
+    p.add_argument("--images", type=int, default=d["images"],
+                   help="held-out images decoded per setting (default %(default)s)")
+    p.add_argument("--up-images", type=int, default=d["up_images"],
+                   help="held-out images upsampled per setting (default %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="JSON path (default bench/results/step_quality.json)")
     a = p.parse_args(argv)

@@ -37,6 +37,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from bench import common
+
 RESULTS = Path(__file__).resolve().parent / "results" / "text_tokens.json"
 PAPER_TEXT = {"context_length": 77, "vocab_size": 49408, "width": 1024, "heads": 16, "layers": 24}
 PAPER_EMBED_DIM = 1024
@@ -219,7 +221,7 @@ def print_table(results: list[dict[str, Any]]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=common.description(__doc__))
     p.add_argument("--batch", type=int, default=128, help="captions per batch")
     p.add_argument("--paper-batch", type=int, default=8,
                    help="captions the paper-size text tower is timed on (CPU: keep small)")

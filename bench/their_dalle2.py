@@ -248,6 +248,38 @@ def upsampler(s: dict, u: dict, repeats: int) -> dict:
     return out
 
 
+def budgeted(spec: dict, n: int, step, sample) -> list[dict]:
+    """Train with ``step(batch indices)`` until each fraction of ``spec["budget_s"]`` training CPU
+    seconds; then ``sample(k)`` (not counted; its own seeded noise, leaving the training stream
+    alone). Batches are seeded epochs of whole batches: the sequence ours draws
+    (``bench.time_to_quality.batch_order`` / ``budgeted``, restated because this file runs in
+    dalle2-pytorch's venv, without our package)."""
+    import numpy as np
+
+    rng = np.random.default_rng(spec["seed"])
+    b = spec["batch"]
+
+    def order():
+        while True:
+            perm = rng.permutation(n)
+            for i in range(0, n - b + 1, b):
+                yield torch.as_tensor(perm[i:i + b])
+
+    batches = order()
+    points, spent, steps = [], 0.0, 0
+    for k, frac in enumerate(spec["fractions"]):
+        while spent < frac * spec["budget_s"]:
+            idx = next(batches)
+            c0 = time.process_time()
+            step(idx)
+            spent += time.process_time() - c0
+            steps += 1
+        with torch.random.fork_rng():
+            torch.manual_seed(spec["seed"] + 1)
+            points.append({"fraction": frac, "cpu_s": spent, "steps": steps, **sample(k)})
+    return points
+
+
 def time_to_quality(spec: dict) -> dict:
     """Their prior (sized to our FLOPs per sample) trained by their DiffusionPriorTrainer from
     scratch at each learning rate for the same training CPU seconds and batches as ours; its EMA
@@ -276,36 +308,23 @@ def time_to_quality(spec: dict) -> dict:
                                         ema_beta=spec["ema_decay"], ema_update_every=1,
                                         ema_update_after_step=0)
         trainer.train()
-        rng = np.random.default_rng(spec["seed"])
-        n, b = len(rows["zi"]), spec["batch"]
 
-        def order():
-            while True:
-                perm = rng.permutation(n)
-                for i in range(0, n - b + 1, b):
-                    yield torch.as_tensor(perm[i:i + b])
+        def step(idx: torch.Tensor) -> None:
+            trainer(text_embed=rows["zt"][idx], image_embed=rows["zi"][idx].clone(),
+                    text_encodings=rows["states"][idx])
+            trainer.update()
 
-        batches = order()
-        points, spent, steps = [], 0.0, 0
-        for k, frac in enumerate(spec["fractions"]):
-            while spent < frac * spec["budget_s"]:
-                idx = next(batches)
-                c0 = time.process_time()
-                trainer(text_embed=rows["zt"][idx], image_embed=rows["zi"][idx].clone(),
-                        text_encodings=rows["states"][idx])
-                trainer.update()
-                spent += time.process_time() - c0
-                steps += 1
-            with torch.random.fork_rng():  # sampling leaves the training noise stream alone
-                torch.manual_seed(spec["seed"] + 1)
-                z = trainer.p_sample_loop((len(rows["ho_zt"]), s["clip_dim"]),
-                                          text_cond={"text_embed": rows["ho_zt"],
-                                                     "text_encodings": rows["ho_states"]},
-                                          cond_scale=spec["guidance_scale"], timesteps=spec["steps"],
-                                          eta=0.0)  # deterministic DDIM, as ours (their default: 1)
+        def sample(k: int) -> dict:
+            z = trainer.p_sample_loop((len(rows["ho_zt"]), s["clip_dim"]),
+                                      text_cond={"text_embed": rows["ho_zt"],
+                                                 "text_encodings": rows["ho_states"]},
+                                      cond_scale=spec["guidance_scale"], timesteps=spec["steps"],
+                                      eta=0.0)  # deterministic DDIM, as ours (their default: 1)
             name = f"z_{lr:g}_{k}.npy"
             np.save(f"{spec['out']}/{name}", z.float().numpy())
-            points.append({"fraction": frac, "cpu_s": spent, "steps": steps, "z_file": name})
+            return {"z_file": name}
+
+        points = budgeted(spec, len(rows["zi"]), step, sample)
         runs.append({"lr": lr, "points": points})
     return {"knobs": knobs, "gflop_per_sample": f / 1e9, "runs": runs}
 
@@ -339,34 +358,21 @@ def decoder_time_to_quality(spec: dict) -> dict:
         trainer = DecoderTrainer(model, lr=lr, max_grad_norm=spec["grad_clip"], use_ema=True,
                                  ema_beta=spec["ema_decay"], ema_update_every=1, ema_update_after_step=0)
         trainer.train()
-        rng = np.random.default_rng(spec["seed"])
-        n, b = len(rows["zi"]), spec["batch"]
 
-        def order():
-            while True:
-                perm = rng.permutation(n)
-                for i in range(0, n - b + 1, b):
-                    yield torch.as_tensor(perm[i:i + b])
+        def step(idx: torch.Tensor) -> None:
+            trainer(rows["images"][idx], image_embed=rows["zi"][idx], text_encodings=rows["states"][idx],
+                    unet_number=1)
+            trainer.update(1)
 
-        batches = order()
-        points, spent, steps = [], 0.0, 0
-        for k, frac in enumerate(spec["fractions"]):
-            while spent < frac * spec["budget_s"]:
-                idx = next(batches)
-                c0 = time.process_time()
-                trainer(rows["images"][idx], image_embed=rows["zi"][idx], text_encodings=rows["states"][idx],
-                        unet_number=1)
-                trainer.update(1)
-                spent += time.process_time() - c0
-                steps += 1
-            with torch.random.fork_rng():  # sampling leaves the training noise stream alone
-                torch.manual_seed(spec["seed"] + 1)
-                x = trainer.sample(image_embed=rows["ho_zi"], text_encodings=rows["ho_states"],
-                                   cond_scale=spec["guidance_scale"])
+        def sample(k: int) -> dict:
+            x = trainer.sample(image_embed=rows["ho_zi"], text_encodings=rows["ho_states"],
+                               cond_scale=spec["guidance_scale"])
             name = f"x_{lr:g}_{k}.npy"
             img = (x.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
             np.save(f"{spec['out']}/{name}", img.numpy())
-            points.append({"fraction": frac, "cpu_s": spent, "steps": steps, "images_file": name})
+            return {"images_file": name}
+
+        points = budgeted(spec, len(rows["zi"]), step, sample)
         runs.append({"lr": lr, "points": points})
     return {"knobs": knobs, "gflop_per_sample": f / 1e9, "params": params, "runs": runs}
 

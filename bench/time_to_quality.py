@@ -164,6 +164,7 @@ def budgeted(step, sample, budget_s: float) -> list[dict[str, Any]]:
             i += 1
         out.append({"fraction": frac, "cpu_s": spent, "steps": i,
                     "loss": float(np.mean(losses[-20:])), "z": sample()})
+        print(f"  ours: {frac:.0%} of {budget_s:g} CPU s, {i} steps, loss {out[-1]['loss']:.4f}", flush=True)
     return out
 
 
@@ -185,6 +186,8 @@ def run_theirs(rows: dict[str, Any], budget_s: float, steps: int, lrs: list[floa
                           "text_width": int(rows["states"].shape[2])},
                 "prior": {"layers": int(rows["model"]["layers"]), "heads": int(rows["model"]["heads"]),
                           "target_flops": target_flops}}
+        print(f"  theirs: sized to our FLOPs per sample, then {len(lrs)} learning rate(s) x {budget_s:g} "
+              "CPU s, sampled at each fraction (dalle2-pytorch's venv, a subprocess)", flush=True)
         proc = subprocess.run([str(python), str(THEIRS), json.dumps(spec)], capture_output=True,
                               text=True, cwd=str(THEIRS.parent))
         if proc.returncode != 0:
@@ -253,20 +256,37 @@ def run(run_dir: str, budget_s: float, lrs: list[float], steps: int = 64, max_ho
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--run-dir", required=True, help="a run whose prior stage finished (diffusion)")
-    p.add_argument("--budget-s", type=float, default=120.0, help="training CPU seconds per side and run")
-    p.add_argument("--lrs", type=float, nargs="+", default=[3e-4, 1e-3, 3e-3],
-                   help="their learning-rate sweep (their trainer's default is 3e-4)")
-    p.add_argument("--steps", type=int, default=64, help="DDIM steps both sides sample with")
-    p.add_argument("--holdout", type=int, default=256, help="held-out rows scored")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", default=None)
-    a = p.parse_args(argv)
-    run(a.run_dir, a.budget_s, a.lrs, a.steps, a.holdout, threads=a.threads, out=a.out)
-    return 0
+DEFAULTS = {"budget_s": 120.0, "lrs": [3e-4, 1e-3, 3e-3], "steps": 64, "max_holdout": 256}
+QUICK = {"budget_s": 20.0, "lrs": [1e-3], "steps": 16, "max_holdout": 64}  # python -m bench --quick
 
+
+def parser(doc: str, needs: str, defaults: dict[str, Any], scored: str,
+           their_lr: str) -> argparse.ArgumentParser:
+    """The command line both time-to-quality benchmarks share, with each one's defaults."""
+    p = argparse.ArgumentParser(description=common.description(doc))
+    p.add_argument("--run-dir", required=True, metavar="RUN", help=f"a run whose {needs} stage finished")
+    p.add_argument("--budget-s", type=float, default=defaults["budget_s"],
+                   help="training CPU seconds per side and run (default %(default)s)")
+    p.add_argument("--lrs", type=float, nargs="+", default=defaults["lrs"],
+                   help=f"their learning-rate sweep (their trainer's default is {their_lr})")
+    p.add_argument("--steps", type=int, default=defaults["steps"],
+                   help="DDIM steps both sides sample with (default %(default)s)")
+    p.add_argument("--holdout", dest="max_holdout", metavar="N", type=int, default=defaults["max_holdout"],
+                   help=f"held-out {scored} scored (default %(default)s)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads, both sides")
+    p.add_argument("--out", default=None, help="JSON path (default bench/results/<name>.json)")
+    return p
+
+
+def run_on(run_dir: str, quick: bool = False, threads: int = 1) -> dict[str, Any]:
+    """``python -m bench --run-dir RUN``: the defaults, or a short pass with ``--quick``."""
+    return run(run_dir, **(QUICK if quick else DEFAULTS), threads=threads)
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parser(__doc__, "prior (diffusion)", DEFAULTS, "rows", "3e-4").parse_args(argv)
+    run(**vars(a))
+    return 0
 
 if __name__ == "__main__":
     sys.exit(main())

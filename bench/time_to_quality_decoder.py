@@ -18,12 +18,11 @@ own: CLIP cosine to the z_i decoded (beside mismatched pairs) and, where the dat
 truth (shapes), the detector's colour / shape / position accuracies. Budgets count training CPU
 seconds only; sampling and scoring are outside them.
 
-    .venv/bin/python -m bench.time_to_quality_decoder --run-dir RUN [--budget-s 600] [--threads 2]
+    .venv/bin/python -m bench.time_to_quality_decoder --run-dir RUN [--budget-s 480] [--threads 2]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -35,7 +34,7 @@ import numpy as np
 import torch
 
 from bench import common
-from bench.time_to_quality import FRACTIONS, THEIRS, batch_order, budgeted
+from bench.time_to_quality import FRACTIONS, THEIRS, batch_order, budgeted, parser
 
 SCORES = ("val_clip_cosine", "val_clip_cosine_mismatched", "val_color", "val_shape", "val_position")
 
@@ -195,6 +194,8 @@ def run_theirs(pairs: dict[str, Any], budget_s: float, steps: int, lrs: list[flo
                                                  "attention_resolutions", "head_channels", "context_dim",
                                                  "norm_groups", "num_clip_tokens")},
                             "resolution": int(c["resolution"]), "target_flops": target_flops}}
+        print(f"  theirs: sized to our FLOPs per sample, then {len(lrs)} learning rate(s) x {budget_s:g} "
+              "CPU s, sampled at each fraction (dalle2-pytorch's venv, a subprocess)", flush=True)
         proc = subprocess.run([str(python), str(THEIRS), json.dumps(spec)], capture_output=True,
                               text=True, cwd=str(THEIRS.parent))
         if proc.returncode != 0:
@@ -250,20 +251,19 @@ def run(run_dir: str, budget_s: float, lrs: list[float], steps: int = 50, max_ho
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--run-dir", required=True, help="a run whose decoder stage finished")
-    p.add_argument("--budget-s", type=float, default=600.0, help="training CPU seconds per side and run")
-    p.add_argument("--lrs", type=float, nargs="+", default=[3e-4, 1e-3, 3e-3],
-                   help="their learning-rate sweep (their DecoderTrainer's default is 1e-4)")
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps both sides sample with")
-    p.add_argument("--holdout", type=int, default=64, help="held-out images scored")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", default=None)
-    a = p.parse_args(argv)
-    run(a.run_dir, a.budget_s, a.lrs, a.steps, a.holdout, threads=a.threads, out=a.out)
-    return 0
+DEFAULTS = {"budget_s": 480.0, "lrs": [3e-4, 1e-3, 3e-3], "steps": 50, "max_holdout": 64}
+QUICK = {"budget_s": 60.0, "lrs": [1e-3], "steps": 10, "max_holdout": 16}  # python -m bench --quick
 
+
+def run_on(run_dir: str, quick: bool = False, threads: int = 1) -> dict[str, Any]:
+    """``python -m bench --run-dir RUN``: the defaults, or a short pass with ``--quick``."""
+    return run(run_dir, **(QUICK if quick else DEFAULTS), threads=threads)
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parser(__doc__, "decoder", DEFAULTS, "images", "1e-4").parse_args(argv)
+    run(**vars(a))
+    return 0
 
 if __name__ == "__main__":
     sys.exit(main())

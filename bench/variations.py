@@ -66,7 +66,7 @@ def run(run_dir: str, images: int, num: int, etas: list[float], steps: int | Non
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=common.description(__doc__))
     p.add_argument("--run-dir", required=True)
     p.add_argument("--images", type=int, default=8)
     p.add_argument("--num", type=int, default=4)

@@ -85,21 +85,34 @@ def test_sampling_ar_section_alone_keeps_the_stage_table(tmp_path: Path, monkeyp
     assert report.main(["sampling:ar_prior"]) == 0
 
 
-def test_step_quality_scores_every_stage_at_each_step_count(smoke_run) -> None:
-    """bench.step_quality on the smoke run: one row per sampler x step count and the stage's own
-    (configured) setting, marked, at the step count its checkpoint records; real, finite scores."""
+def test_bench_run_dir_scores_every_finished_stage_at_each_step_count(smoke_run, tmp_path: Path,
+                                                                    monkeypatch) -> None:
+    """``python -m bench --quick --run-dir RUN --only step_quality`` on the smoke run (its quick
+    grid shrunk to 2 steps): every finished stage, one row per sampler x step count plus the stage's
+    own (configured) setting, marked, at the step count its checkpoint records; real, finite scores,
+    in step_quality.json and in the summary. A bench that needs a run is refused without one."""
     import math
 
-    from bench.step_quality import run
-    from unclip import checkpoint
-    from pipelines.manifest import read_manifest
+    import torch
 
-    result = run(str(smoke_run), [2], ["ddim", "dpm"], ["prior", "decoder", "upsample1"],
-                 captions=8, images=2, up_images=1)
+    from bench import step_quality
+    from bench.__main__ import main
+    from pipelines.manifest import read_manifest
+    from unclip import checkpoint
+
+    monkeypatch.setenv("UNCLIP_BENCH_RESULTS", str(tmp_path))
+    monkeypatch.setattr(step_quality, "QUICK", {"steps": [2], "samplers": ["ddim", "dpm"], "captions": 8,
+                                                "images": 2, "up_images": 1})
+    threads = torch.get_num_threads()
+    try:
+        assert main(["--quick", "--run-dir", str(smoke_run), "--only", "step_quality"]) == 0
+    finally:
+        torch.set_num_threads(threads)  # the bench fixes 1 thread for the process
+    result = json.loads((tmp_path / "step_quality.json").read_text())
     by_stage: dict[str, list[dict]] = {}
     for r in result["rows"]:
         by_stage.setdefault(r["stage"], []).append(r)
-    assert set(by_stage) == {"prior", "decoder", "upsample1"}
+    assert set(by_stage) == set(step_quality.STAGES) and result["not_finished"] == []
     recorded = checkpoint.read_config(read_manifest(str(smoke_run), "decoder").outputs["model"])["sampling"]
     for stage, rows in by_stage.items():
         assert [(r["sampler"], r["steps"]) for r in rows[:2]] == [("ddim", 2), ("dpm", 2)]
@@ -111,8 +124,16 @@ def test_step_quality_scores_every_stage_at_each_step_count(smoke_run) -> None:
         assert -1 <= r["cosine"] <= 1 and math.isfinite(r["baseline_text"]) and r["n"] == 8
     for r in by_stage["decoder"]:
         assert -1 <= r["val_clip_cosine"] <= 1 and 0 <= r["val_shape"] <= 1  # shapes: a ground truth
-    for r in by_stage["upsample1"]:
-        assert 5 < r["val_psnr"] < 100 and 0 < r["val_ssim"] <= 1
+    for stage in ("upsample1", "upsample2"):
+        for r in by_stage[stage]:
+            assert 5 < r["val_psnr"] < 100 and 0 < r["val_ssim"] <= 1
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["run_dir"] == str(smoke_run) and summary["benchmarks"]["step_quality"]["ok"]
+    assert len(summary["rows"]) == len(result["rows"])
+    assert all(math.isfinite(r["value"]) for r in summary["rows"])
+    with pytest.raises(SystemExit) as exc:
+        main(["--only", "time_to_quality_decoder"])
+    assert exc.value.code == 2
 
 
 def test_decoder_time_to_quality_trains_ours_on_the_runs_own_pairs(smoke_run) -> None:
