@@ -288,5 +288,6 @@ def main(argv: list[str] | None = None) -> int:
     run(**vars(a))
     return 0
 
+
 if __name__ == "__main__":
     sys.exit(main())

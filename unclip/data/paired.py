@@ -8,16 +8,13 @@ Images are decoded and resized once, here, to the resolution the model trains at
 
 from __future__ import annotations
 
-import io
 from functools import lru_cache
 from typing import Any, Iterator
 
 import numpy as np
-from PIL import Image
 
 from unclip import storage
-from unclip.data.loading import is_holdout
-from unclip.data.shards import RawSample, iter_shard
+from unclip.data.loading import iter_samples
 from unclip.embeddings import io as eio
 
 
@@ -57,23 +54,9 @@ def iter_paired(shard: str, embeddings: str, image_size: int, split: str = "all"
     ``meta`` is the sample's JSON (the synthetic data's scene) as a string, "" when absent.
     ``raw``: the embeddings as CLIP projected them, not unit-normalized (see shard_embeddings).
     """
-    if split not in ("train", "holdout", "all"):
-        raise ValueError(f"split must be train, holdout or all, got {split!r}")
     index = shard_embeddings(shard, embeddings, raw)
-    for item in iter_shard(shard):
-        if not isinstance(item, RawSample) or item.image_bytes is None or item.key not in index:
-            continue
-        if split != "all" and is_holdout(item.key, holdout_fraction) != (split == "holdout"):
-            continue
-        try:
-            img = Image.open(io.BytesIO(item.image_bytes)).convert("RGB")
-            caption = item.caption() or ""
-        except (OSError, ValueError, UnicodeDecodeError):
-            continue
-        if img.size != (image_size, image_size):
-            img = img.resize((image_size, image_size), Image.BICUBIC)
-        row = {"key": item.key, "caption": caption, "image": np.asarray(img, dtype=np.uint8),
-               "image_embedding": np.asarray(index[item.key], dtype=np.float32)}
+    for item, row in iter_samples(shard, image_size, split, holdout_fraction, keys=index):
+        row["image_embedding"] = np.asarray(index[item.key], dtype=np.float32)
         if with_meta:
             meta = item.files.get("json")
             row["meta"] = meta.decode("utf-8", "replace") if meta else ""
