@@ -44,6 +44,7 @@ RUN_BENCHMARKS = {
     "time_to_quality": "bench.time_to_quality",
     "time_to_quality_decoder": "bench.time_to_quality_decoder",
 }
+ALL = {**BENCHMARKS, **RUN_BENCHMARKS}
 # minutes each even when short (three pipeline runs; a paper-size text tower), or over a minute
 # (decoder_profile: 15 decoder steps and a profiled one, ~70 s): run with --only
 QUICK_SKIP = {"clip_stage", "text_tokens", "decoder_profile"}
@@ -137,7 +138,7 @@ def step_quality_rows(result: dict[str, Any]) -> list[tuple]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=common.description(__doc__))
     p.add_argument("--quick", action="store_true", help="a short pass of every benchmark")
-    p.add_argument("--only", action="append", choices=sorted({**BENCHMARKS, **RUN_BENCHMARKS}),
+    p.add_argument("--only", action="append", choices=sorted(ALL),
                    help="run only this benchmark (repeatable)")
     p.add_argument("--run-dir", metavar="RUN", default=None,
                    help="a finished run (a pipeline's run_dir): also run " + ", ".join(RUN_BENCHMARKS)
@@ -158,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     rows, status = [], {}
     t_all = time.perf_counter()
     for name in names:
-        mod = importlib.import_module({**BENCHMARKS, **RUN_BENCHMARKS}[name])
+        mod = importlib.import_module(ALL[name])
         print(f"\n=== {name} ===", flush=True)
         t0 = time.perf_counter()
         try:

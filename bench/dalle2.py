@@ -22,18 +22,15 @@ neighbours.
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from bench import common
 from bench import models as M
+from bench.dalle2_env import run_theirs
 
-THEIRS = Path(__file__).resolve().parent / "their_dalle2.py"
 
 
 def our_prior(s: M.Sizes, p: dict[str, Any], repeats: int) -> dict[str, Any]:
@@ -95,20 +92,6 @@ def our_upsampler(u: dict[str, Any], repeats: int) -> dict[str, Any]:
     step = M.Stepper(model, M.upsampler_loss(g), M.upsampler_batch(u["high_res"], u["scale"], u["batch"], g))
     return {"params": M.params(model), "batch": u["batch"], "train_step": common.timed(step, repeats),
             "flops_fwd_bwd": common.count_flops(step.forward_backward), "sampling": {}}
-
-
-def run_theirs(spec: dict[str, Any]) -> dict[str, Any]:
-    from bench.dalle2_env import ensure_env
-
-    python = ensure_env()
-    proc = subprocess.run([str(python), str(THEIRS), json.dumps(spec)], capture_output=True,
-                          text=True, cwd=str(THEIRS.parent))
-    if proc.returncode != 0:
-        raise RuntimeError(f"their_dalle2.py failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if not lines:
-        raise RuntimeError(f"their_dalle2.py printed no JSON:\n{proc.stdout[-2000:]}")
-    return json.loads(lines[-1])
 
 
 MODELS = ("prior", "decoder", "upsampler")

@@ -22,8 +22,6 @@ and scoring are outside them.
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,7 +34,6 @@ import torch
 from bench import common
 
 FRACTIONS = (0.25, 0.5, 1.0)
-THEIRS = Path(__file__).resolve().parent / "their_dalle2.py"
 
 
 def batch_order(n: int, batch: int, seed: int) -> Iterator[np.ndarray]:
@@ -170,9 +167,8 @@ def budgeted(step, sample, budget_s: float) -> list[dict[str, Any]]:
 
 def run_theirs(rows: dict[str, Any], budget_s: float, steps: int, lrs: list[float], seed: int,
                target_flops: float, first: np.ndarray, threads: int) -> dict[str, Any]:
-    from bench.dalle2_env import ensure_env
+    from bench.dalle2_env import run_theirs as call
 
-    python = ensure_env()
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "rows.pt"
         torch.save({k: rows[k] for k in ("zi", "zt", "states", "ho_zt", "ho_states")}, data)
@@ -188,11 +184,7 @@ def run_theirs(rows: dict[str, Any], budget_s: float, steps: int, lrs: list[floa
                           "target_flops": target_flops}}
         print(f"  theirs: sized to our FLOPs per sample, then {len(lrs)} learning rate(s) x {budget_s:g} "
               "CPU s, sampled at each fraction (dalle2-pytorch's venv, a subprocess)", flush=True)
-        proc = subprocess.run([str(python), str(THEIRS), json.dumps(spec)], capture_output=True,
-                              text=True, cwd=str(THEIRS.parent))
-        if proc.returncode != 0:
-            raise RuntimeError(f"their_dalle2.py failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-        result = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("{")][-1])
+        result = call(spec)
         for r in result["runs"]:
             for p in r["points"]:
                 p["z"] = np.load(Path(tmp) / p.pop("z_file"))

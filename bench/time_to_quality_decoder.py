@@ -23,8 +23,6 @@ seconds only; sampling and scoring are outside them.
 
 from __future__ import annotations
 
-import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -34,7 +32,7 @@ import numpy as np
 import torch
 
 from bench import common
-from bench.time_to_quality import FRACTIONS, THEIRS, batch_order, budgeted, parser
+from bench.time_to_quality import FRACTIONS, batch_order, budgeted, parser
 
 SCORES = ("val_clip_cosine", "val_clip_cosine_mismatched", "val_color", "val_shape", "val_position")
 
@@ -169,10 +167,9 @@ def our_flops_per_sample(pairs: dict[str, Any], idx: np.ndarray) -> float:
 
 def run_theirs(pairs: dict[str, Any], budget_s: float, steps: int, lrs: list[float], seed: int,
                target_flops: float, first: np.ndarray, threads: int) -> dict[str, Any]:
-    from bench.dalle2_env import ensure_env
+    from bench.dalle2_env import run_theirs as call
     from unclip.models.decoder_sampling import from_uint8
 
-    python = ensure_env()
     c = pairs["cfg"]
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "pairs.pt"
@@ -196,11 +193,7 @@ def run_theirs(pairs: dict[str, Any], budget_s: float, steps: int, lrs: list[flo
                             "resolution": int(c["resolution"]), "target_flops": target_flops}}
         print(f"  theirs: sized to our FLOPs per sample, then {len(lrs)} learning rate(s) x {budget_s:g} "
               "CPU s, sampled at each fraction (dalle2-pytorch's venv, a subprocess)", flush=True)
-        proc = subprocess.run([str(python), str(THEIRS), json.dumps(spec)], capture_output=True,
-                              text=True, cwd=str(THEIRS.parent))
-        if proc.returncode != 0:
-            raise RuntimeError(f"their_dalle2.py failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-        result = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("{")][-1])
+        result = call(spec)
         for r in result["runs"]:
             for p in r["points"]:
                 p["images"] = np.load(Path(tmp) / p.pop("images_file"))
